@@ -1,0 +1,3 @@
+from exert_ds.cli import main
+
+raise SystemExit(main())

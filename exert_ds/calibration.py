@@ -1,0 +1,102 @@
+"""Sequential calibration: the first block's inputs, and the input statistics of a block's linears.
+
+For each linear input X (calibration tokens × in) we accumulate E = Σ_t x_t² (activation energy) and,
+when PBS mode hessian or SparseGPT needs it, H = XᵀX, both in float32. Roles that read the same tensor
+(q/k/v, gate/up) share one statistic (architecture.STAT_GROUP).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from exert_ds.architecture import STAT_GROUP, decoder_layers
+
+
+class _CaughtBlockInput(Exception):
+    """Raised by the capture hook to stop the forward once block 0's inputs are known."""
+
+
+@dataclass
+class BlockInputs:
+    """One calibration micro-batch as block 0 (and, after propagation, block k) receives it."""
+
+    hidden: Tensor
+    kwargs: dict = field(default_factory=dict)
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, input_ids: Tensor, micro_batch: int) -> list[BlockInputs]:
+    """Run the embeddings (and rotary, mask construction) of `model` on `input_ids` (N × T) and return
+    the hidden states and keyword arguments that block 0 receives, per micro-batch of sequences."""
+    first = decoder_layers(model)[0]
+    caught: list[BlockInputs] = []
+
+    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        caught.append(BlockInputs(hidden, rest))
+        raise _CaughtBlockInput
+
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for start in range(0, input_ids.shape[0], micro_batch):
+            try:
+                model(input_ids=input_ids[start : start + micro_batch], use_cache=False)
+            except _CaughtBlockInput:
+                pass
+    finally:
+        handle.remove()
+    return caught
+
+
+@torch.no_grad()
+def run_block(layer: nn.Module, inputs: list[BlockInputs]) -> list[BlockInputs]:
+    """The block's outputs, micro-batch by micro-batch, as the next block's inputs."""
+    outputs = []
+    for item in inputs:
+        out = layer(item.hidden, **item.kwargs)
+        outputs.append(BlockInputs(out[0] if isinstance(out, tuple) else out, item.kwargs))
+    return outputs
+
+
+class InputStatistics:
+    """Forward hooks on a block's linears that accumulate E (and H) per statistic group."""
+
+    def __init__(self, linears: dict[str, nn.Module], want_hessian: bool) -> None:
+        self.energy: dict[str, Tensor] = {}
+        self.hessian: dict[str, Tensor] = {}
+        self.tokens = 0
+        self._want_hessian = want_hessian
+        self._linears = {group: linears[group] for group in set(STAT_GROUP.values())}
+
+    def _hook(self, group: str):
+        def accumulate(_module: nn.Module, args: tuple, _output: Tensor) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1])
+            x = x.to(torch.promote_types(x.dtype, torch.float32))
+            if group == "q":
+                self.tokens += x.shape[0]
+            energy = x.square().sum(0)
+            self.energy[group] = self.energy[group] + energy if group in self.energy else energy
+            if self._want_hessian:
+                h = x.T @ x
+                self.hessian[group] = self.hessian[group] + h if group in self.hessian else h
+
+        return accumulate
+
+    @contextmanager
+    def recording(self) -> Iterator[InputStatistics]:
+        handles = [m.register_forward_hook(self._hook(g)) for g, m in self._linears.items()]
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def for_role(self, role: str) -> tuple[Tensor, Tensor | None]:
+        group = STAT_GROUP[role]
+        return self.energy[group], self.hessian.get(group)

@@ -1,0 +1,93 @@
+"""SparseGPT one-shot pruning (Frantar & Alistarh 2023), the "LoRA then SparseGPT" baseline of algorithm.md §7.
+
+Pure tensor code: the caller supplies the layer weight W (out×in) and its calibration Hessian H = XᵀX (in×in).
+Unlike the original, the unstructured mask is chosen per row, so that every row ends with exactly
+`floor(p·in)` zeros (algorithm.md §8); N:M keeps the original per-group selection.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def _check(weight: Tensor, hessian: Tensor, sparsity: float, n: int, m: int, blocksize: int, percdamp: float) -> None:
+    if weight.dim() != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
+        raise ValueError(f"SparseGPT shapes disagree: weight {tuple(weight.shape)}, hessian {tuple(hessian.shape)}")
+    if not 0 <= sparsity < 1:
+        raise ValueError(f"SparseGPT sparsity must be in [0, 1), got {sparsity}")
+    if blocksize < 1 or not percdamp >= 0:
+        raise ValueError(f"SparseGPT needs blocksize >= 1 and percdamp >= 0, got {blocksize}, {percdamp}")
+    if (n, m) != (0, 0):
+        if not 0 < n < m:
+            raise ValueError(f"SparseGPT N:M needs 0 < n < m, got {n}:{m}")
+        if weight.shape[1] % m or blocksize % m:
+            raise ValueError(f"SparseGPT N:M needs m={m} to divide in={weight.shape[1]} and blocksize={blocksize}")
+
+
+def _inverse_hessian_factor(hessian: Tensor, dead: Tensor, percdamp: float) -> Tensor:
+    """Upper Cholesky factor U of (H + λI)⁻¹ = UᵀU, with dead inputs set to H_cc = 1 and λ = percdamp·mean(diag H)."""
+    H = hessian.clone()
+    idx = torch.arange(H.shape[0], device=H.device)
+    H[idx[dead], idx[dead]] = 1
+    H[idx, idx] += percdamp * torch.mean(torch.diagonal(H))
+    L = torch.linalg.cholesky(H)
+    return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+
+
+def sparsegpt_prune(
+    weight: Tensor,
+    hessian: Tensor,
+    sparsity: float,
+    n: int = 0,
+    m: int = 0,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+) -> tuple[Tensor, Tensor]:
+    """Prune `weight` (out×in) with SparseGPT; returns (new_weight, keep), keep True = kept, shape of weight.
+
+    With U the upper Cholesky factor of the damped inverse Hessian, columns are eliminated left to right: for
+    column j, err = (w_j − q_j) / U_jj (q_j = 0 if pruned, else w_j) and w_{j:} −= err · U_{j,j:}; within a
+    128-column block the update is applied column by column, to the later columns lazily after the block.
+    Mask: in block [i1, i2) each row prunes its floor(p·i2) − floor(p·i1) lowest w²/U_jj² (ties: lower column),
+    w as updated so far; N:M prunes the n lowest per group of m columns. Computed in float32 (float64 inputs stay
+    float64); new_weight is returned in weight's dtype, with pruned entries exactly 0.
+    """
+    _check(weight, hessian, sparsity, n, m, blocksize, percdamp)
+    dtype = torch.float64 if torch.float64 in (weight.dtype, hessian.dtype) else torch.float32
+    W = weight.detach().to(dtype=dtype, copy=True)
+    H = hessian.detach().to(device=W.device, dtype=dtype)
+    columns = W.shape[1]
+    dead = torch.diagonal(H) == 0
+    W[:, dead] = 0
+    Hinv = _inverse_hessian_factor(H, dead, percdamp)
+    prune = torch.zeros_like(W, dtype=torch.bool)
+
+    for i1 in range(0, columns, blocksize):
+        i2 = min(i1 + blocksize, columns)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        d2 = torch.diagonal(Hinv1).square()
+        mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        if n == 0:
+            k = math.floor(sparsity * i2) - math.floor(sparsity * i1)
+            if k > 0:
+                order = torch.argsort(W1.square() / d2, dim=1, stable=True)
+                mask1.scatter_(1, order[:, :k], True)
+        for i in range(i2 - i1):
+            if n != 0 and i % m == 0:
+                order = torch.argsort(W1[:, i : i + m].square() / d2[i : i + m], dim=1, stable=True)
+                mask1.scatter_(1, i + order[:, :n], True)
+            w = W1[:, i]
+            err = torch.where(mask1[:, i], w, torch.zeros_like(w)) / Hinv1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W1[mask1] = 0
+        W[:, i1:i2] = W1
+        prune[:, i1:i2] = mask1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    return W.to(weight.dtype), ~prune

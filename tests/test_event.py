@@ -1,0 +1,138 @@
+"""The single-process prune event against a sequential re-implementation (tests/reference.py)."""
+
+import math
+
+import pytest
+import torch
+
+from exert_ds.access import DenseBackend
+from exert_ds.architecture import block_linears, decoder_layers
+from exert_ds.event import PruneSettings, run_prune_event
+from exert_ds.lora import adapter_seed, fresh_lora_a, lora_parts
+from tests.reference import sequential_event
+from tests.tiny_models import calibration_ids, tiny_lora_model, tiny_model
+
+
+def pruned_weights(model):
+    return {
+        (b, r): lora_parts(m)[0].detach().clone()
+        for b in range(len(decoder_layers(model)))
+        for r, m in block_linears(model, b).items()
+    }
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("scorer,pbs", [("foresight", True), ("foresight", False), ("wanda", False)])
+def test_event_matches_sequential_reference(family, scorer, pbs):
+    model = tiny_lora_model(family, dtype=torch.float64)
+    ids = calibration_ids()
+    reference, masks = sequential_event(model, ids, 0.5, scorer, pbs)
+    settings = PruneSettings(sparsity=0.5, scorer=scorer, pbs_mode="hessian" if pbs else "off", micro_batch=4)
+    run_prune_event(model, DenseBackend(), settings, ids, pbs=pbs)
+    got, want = pruned_weights(model), pruned_weights(reference)
+    for key, w in got.items():
+        block, role = key
+        assert torch.equal(w != 0, masks[block][role]), f"mask of {key}"
+        torch.testing.assert_close(w, want[key], rtol=1e-9, atol=1e-12, msg=f"weight of {key}")
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_event_leaves_sparse_merged_model(family):
+    model = tiny_lora_model(family, r=3)
+    ids = calibration_ids(seed=1)
+    settings = PruneSettings(sparsity=0.4, seed=11)
+    report, state = run_prune_event(model, DenseBackend(), settings, ids)
+    for block in range(len(decoder_layers(model))):
+        for role, module in block_linears(model, block).items():
+            w, a, b, _ = lora_parts(module)
+            assert ((w == 0).sum(1) == math.floor(0.4 * w.shape[1])).all(), f"{block}.{role}"
+            assert torch.count_nonzero(b) == 0
+            torch.testing.assert_close(a, fresh_lora_a(tuple(a.shape), adapter_seed(11, 0, block, role)))
+    assert state.events_done == 1
+    hidden = model.config.hidden_size
+    assert report.scalars()["sparsity/q"] == pytest.approx(math.floor(0.4 * hidden) / hidden)
+    # the LoRA model's output equals a plain model that holds the merged sparse weights
+    plain = tiny_model(family)
+    base_state = {
+        k.replace("base_model.model.", "").replace(".base_layer", ""): v
+        for k, v in model.state_dict().items()
+        if "lora_" not in k
+    }
+    plain.load_state_dict(base_state)
+    model.eval()
+    probe = calibration_ids(seed=5)
+    torch.testing.assert_close(model(input_ids=probe).logits, plain(input_ids=probe).logits)
+
+
+def test_sparsity_zero_only_merges():
+    model = tiny_lora_model("llama")
+    expected = {}
+    for b in range(2):
+        for role, module in block_linears(model, b).items():
+            w, a, bb, s = lora_parts(module)
+            expected[(b, role)] = (w + s * bb @ a).detach().clone()
+    run_prune_event(model, DenseBackend(), PruneSettings(sparsity=0.0), calibration_ids())
+    for key, w in pruned_weights(model).items():
+        torch.testing.assert_close(w, expected[key])
+
+
+@pytest.mark.parametrize("policy", ["none", "zero", "keep_v"])
+def test_optimizer_policy_reaches_adam_moments(policy):
+    model = tiny_lora_model("llama")
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    model(input_ids=calibration_ids(), labels=calibration_ids()).loss.backward()
+    optimizer.step()
+    before = {id(p): {k: v.clone() for k, v in optimizer.state[p].items()} for p in params}
+    run_prune_event(
+        model, DenseBackend(optimizer), PruneSettings(sparsity=0.5, reset_after_prune=policy), calibration_ids()
+    )
+    for p in params:
+        m, v = optimizer.state[p]["exp_avg"], optimizer.state[p]["exp_avg_sq"]
+        assert torch.equal(m, before[id(p)]["exp_avg"]) == (policy == "none")
+        assert (torch.count_nonzero(m) == 0) == (policy != "none")
+        assert (torch.count_nonzero(v) == 0) == (policy == "zero")
+
+
+def test_sparsegpt_scorer_prunes_exactly_and_n_m():
+    model = tiny_lora_model("qwen2")
+    run_prune_event(
+        model,
+        DenseBackend(),
+        PruneSettings(sparsity=0.5, scorer="sparsegpt", pbs_mode="off", sparsegpt_blocksize=12),
+        calibration_ids(),
+    )
+    for w in pruned_weights(model).values():
+        assert ((w == 0).sum(1) == w.shape[1] // 2).all()
+    model = tiny_lora_model("qwen2")  # every in_features (36, 52) divisible by 4
+    run_prune_event(model, DenseBackend(), PruneSettings(sparsity=0.0, n=2, m=4), calibration_ids())
+    for w in pruned_weights(model).values():
+        assert ((w.view(w.shape[0], -1, 4) == 0).sum(-1) == 2).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"scorer": "random"}, "prune.scorer"),
+        ({"pbs_mode": "fast"}, "pbs.mode"),
+        ({"scorer": "sparsegpt"}, "pbs.mode: off"),
+        ({"reset_after_prune": "all"}, "reset_after_prune"),
+        ({"sparsity": 1.0}, "outside"),
+        ({"ema_eta": 0.0}, "ema_eta"),
+    ],
+)
+def test_bad_settings(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        PruneSettings(**{"sparsity": 0.5, **kwargs}).validate()
+
+
+def test_unknown_architecture_and_missing_lora_role():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from exert_ds.lora import attach_lora
+
+    with pytest.raises(ValueError, match="GPT2LMHeadModel"):
+        attach_lora(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2)), {"r": 2})
+    model = attach_lora(tiny_model("llama"), {"r": 2}, roles=("q", "k", "v", "o", "gate", "up"))
+    with pytest.raises(ValueError, match="role 'down' has no LoRA adapter"):
+        run_prune_event(model, DenseBackend(), PruneSettings(sparsity=0.5), calibration_ids())

@@ -1,0 +1,59 @@
+"""Tiny random causal LMs (GQA, odd sizes) and LoRA adapters with non-zero B, for CPU tests."""
+
+from __future__ import annotations
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+from exert_ds.lora import attach_lora
+
+FAMILIES = {
+    # 3 query heads per KV head, hidden not a power of two, odd FFN
+    "llama": (
+        LlamaConfig,
+        LlamaForCausalLM,
+        {"hidden_size": 48, "num_attention_heads": 6, "num_key_value_heads": 2, "intermediate_size": 70},
+    ),
+    "qwen2": (
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        {"hidden_size": 36, "num_attention_heads": 6, "num_key_value_heads": 3, "intermediate_size": 52},
+    ),
+    # head_dim (10) ≠ hidden / heads (8): q is 40×32, o is 32×40
+    "qwen3": (
+        Qwen3Config,
+        Qwen3ForCausalLM,
+        {
+            "hidden_size": 32,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 10,
+            "intermediate_size": 45,
+        },
+    ),
+}
+
+
+def tiny_model(family: str = "llama", layers: int = 2, vocab: int = 96, dtype=torch.float32, seed: int = 0):
+    config_cls, model_cls, dims = FAMILIES[family]
+    config = config_cls(
+        vocab_size=vocab, num_hidden_layers=layers, max_position_embeddings=128, tie_word_embeddings=False, **dims
+    )
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    return model_cls(config).to(dtype)
+
+
+def tiny_lora_model(family: str = "llama", layers: int = 2, r: int = 4, dtype=torch.float32, seed: int = 0):
+    """A tiny model with LoRA on all seven roles and a random (trained-looking) B."""
+    model = attach_lora(tiny_model(family, layers, dtype=dtype, seed=seed), {"r": r, "lora_alpha": 2 * r})
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen, dtype=param.dtype) * 0.05)
+    return model
+
+
+def calibration_ids(n: int = 6, length: int = 12, vocab: int = 96, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(seed))
