@@ -1,0 +1,82 @@
+"""2-rank worker: one prune event inside a ZeRO-3 engine; rank 0 saves the gathered weights.
+
+With --train-step it first takes one optimizer step (so Adam moments are non-zero) and afterwards checks,
+on every rank, through DeepSpeed's safe accessors, that the re-drawn A and B = 0 reached the working
+partition, the full copy, the fp32 master, and that the moments follow the reset policy.
+"""
+
+import argparse
+from pathlib import Path
+
+import deepspeed
+import deepspeed.comm as dist
+import torch
+from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
+
+from exert_ds.architecture import block_linears, decoder_layers
+from exert_ds.event import PruneSettings, run_prune_event
+from exert_ds.lora import adapter_seed, fresh_lora_a, lora_parts
+from exert_ds.zero3 import Zero3Backend, local_range, local_values
+from tests.tiny_models import calibration_ids, tiny_lora_model
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--family", default="llama-odd")
+parser.add_argument("--cases", default="foresight:hessian", help="comma-separated scorer:pbs_mode, one engine each")
+parser.add_argument("--persistence", type=int, default=0)
+parser.add_argument("--policy", default="none")
+parser.add_argument("--train-step", action="store_true")
+parser.add_argument("--out", required=True)
+parser.add_argument("--local_rank", type=int, default=0)
+args = parser.parse_args()
+
+deepspeed.init_distributed(dist_backend="gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+results = {}
+for case in args.cases.split(","):
+    scorer, pbs_mode = case.split(":")
+    model = tiny_lora_model(args.family)
+    config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": args.persistence},
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+    }
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=config
+    )
+    if args.train_step:
+        ids = calibration_ids(n=2, seed=3)[rank : rank + 1]
+        engine.backward(engine(input_ids=ids, labels=ids).loss)
+        engine.step()
+
+    settings = PruneSettings(sparsity=0.5, scorer=scorer, pbs_mode=pbs_mode, reset_after_prune=args.policy, seed=5)
+    ids = calibration_ids()  # 6 sequences: each rank takes its share
+    report, _ = run_prune_event(engine.module, Zero3Backend(), settings, ids[rank::world], pbs=pbs_mode != "off")
+
+    if args.train_step:
+        for block in range(len(decoder_layers(engine.module))):
+            for role, module in block_linears(engine.module, block).items():
+                _, a, b, _ = lora_parts(module)
+                want_a = fresh_lora_a(tuple(a.ds_shape), adapter_seed(5, 0, block, role))
+                for param, want in ((a, want_a), (b, torch.zeros(b.ds_shape))):
+                    rng = local_range(param)
+                    flat = want.reshape(-1)[rng.start : rng.end]
+                    assert torch.equal(local_values(param), flat), f"partition {block}.{role}"
+                    assert torch.equal(safe_get_local_fp32_param(param)[: rng.valid], flat), (
+                        f"fp32 master {block}.{role}"
+                    )
+                    if param.ds_status.name == "AVAILABLE":
+                        assert torch.equal(param.data, want), f"full copy {block}.{role}"
+                    m = safe_get_local_optimizer_state(param, "exp_avg")[: rng.valid]
+                    v = safe_get_local_optimizer_state(param, "exp_avg_sq")[: rng.valid]
+                    if rng.valid:
+                        assert (torch.count_nonzero(m) == 0) == (args.policy != "none"), f"exp_avg {block}.{role}"
+                        assert (torch.count_nonzero(v) == 0) == (args.policy == "zero"), f"exp_avg_sq {block}.{role}"
+
+    weights = {}
+    for name, param in engine.module.named_parameters():
+        with deepspeed.zero.GatheredParameters([param]):
+            weights[name] = param.detach().clone()
+    results[case] = {"weights": weights, "scalars": report.scalars()}
+if rank == 0:
+    torch.save(results, Path(args.out))
