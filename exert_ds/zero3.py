@@ -111,7 +111,11 @@ class Zero3Linear:
     def adapter(self) -> tuple[Tensor, Tensor, float]:
         with deepspeed.zero.GatheredParameters([self._a, self._b]):
             work = torch.promote_types(self._a.dtype, torch.float32)
-            return self._a.detach().to(self._device, work).clone(), self._b.detach().to(self._device, work).clone(), self._scale
+            return (
+                self._a.detach().to(self._device, work).clone(),
+                self._b.detach().to(self._device, work).clone(),
+                self._scale,
+            )
 
     @torch.no_grad()
     def write_adapter(self, a: Tensor, b: Tensor, reset_policy: str) -> None:

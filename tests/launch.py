@@ -21,8 +21,13 @@ def free_port() -> int:
 def deepspeed_cpu(args: list[str], ranks: int, timeout: int = 600) -> subprocess.CompletedProcess:
     """`DS_ACCELERATOR=cpu deepspeed --num_gpus RANKS ARGS...`; returns the finished process."""
     launcher = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "DS_ACCELERATOR": "cpu",
+        "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     cmd = [launcher, "--num_gpus", str(ranks), "--master_port", str(free_port()), *args]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"

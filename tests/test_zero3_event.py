@@ -39,16 +39,30 @@ def assert_same_as_dense(results: dict, family: str) -> None:
 def test_two_ranks_equal_one_process(tmp_path):
     """Rows of o/gate/up/down straddle the two partitions and the last partition is padded."""
     out = tmp_path / "zero3.pt"
-    deepspeed_cpu(["tests/workers/zero3_event.py", "--family", "llama-odd", "--cases", ",".join(CASES),
-                   "--out", str(out)], ranks=2)
+    deepspeed_cpu(
+        ["tests/workers/zero3_event.py", "--family", "llama-odd", "--cases", ",".join(CASES), "--out", str(out)],
+        ranks=2,
+    )
     assert_same_as_dense(torch.load(out), "llama-odd")
 
 
 def test_three_ranks_with_persistent_parameters(tmp_path):
     """Every matrix (q/k/v too) straddles; all parameters stay gathered (persistence threshold 1e5)."""
     out = tmp_path / "zero3.pt"
-    deepspeed_cpu(["tests/workers/zero3_event.py", "--family", "llama-3rank", "--cases", "foresight:hessian",
-                   "--persistence", "100000", "--out", str(out)], ranks=3)
+    deepspeed_cpu(
+        [
+            "tests/workers/zero3_event.py",
+            "--family",
+            "llama-3rank",
+            "--cases",
+            "foresight:hessian",
+            "--persistence",
+            "100000",
+            "--out",
+            str(out),
+        ],
+        ranks=3,
+    )
     assert_same_as_dense(torch.load(out), "llama-3rank")
 
 

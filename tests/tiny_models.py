@@ -32,11 +32,17 @@ FAMILIES = {
         },
     ),
     # o, gate, up, down have odd row counts: on 2 ranks their rows straddle partitions, the last one padded
-    "llama-odd": (LlamaConfig, LlamaForCausalLM, {"hidden_size": 45, "num_attention_heads": 9,
-                                                  "num_key_value_heads": 3, "head_dim": 4, "intermediate_size": 47}),
+    "llama-odd": (
+        LlamaConfig,
+        LlamaForCausalLM,
+        {"hidden_size": 45, "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 4, "intermediate_size": 47},
+    ),
     # on 3 ranks every matrix straddles, q/k/v included (20 and 4 rows of 35)
-    "llama-3rank": (LlamaConfig, LlamaForCausalLM, {"hidden_size": 35, "num_attention_heads": 5,
-                                                    "num_key_value_heads": 1, "head_dim": 4, "intermediate_size": 33}),
+    "llama-3rank": (
+        LlamaConfig,
+        LlamaForCausalLM,
+        {"hidden_size": 35, "num_attention_heads": 5, "num_key_value_heads": 1, "head_dim": 4, "intermediate_size": 33},
+    ),
 }
 
 
