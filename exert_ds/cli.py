@@ -1,16 +1,54 @@
-"""`exert-ds` command line: one subcommand per job."""
+"""`exert-ds` command line: one subcommand per job; each reads a run YAML (see README)."""
 
 from __future__ import annotations
 
 import argparse
+import sys
+
+import yaml
+
+from exert_ds.config import ConfigError, load_config
+
+
+def _overrides(pairs: list[str]) -> dict:
+    """`--set prune.sparsity=0.4` pairs → {"prune.sparsity": 0.4} (values parsed as YAML scalars)."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set prune.sparsity=0.4")
+        out[key] = yaml.safe_load(value)
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="exert-ds",
-        description="EfficientXpert (ForeSight Mask + Partial Brain Surgeon) inside DeepSpeed ZeRO-3.",
+        description="EfficientXpert (ForeSight Mask + Partial Brain Surgeon) inside DeepSpeed ZeRO-3. Start the "
+        "distributed commands with a launcher: deepspeed, torchrun, mpirun or srun (see launch/).",
     )
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher's
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def with_config(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument(
+            "--config", required=True, help="run YAML (model, lora, deepspeed, data, calibration, prune, pbs, train)"
+        )
+        p.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a config key, e.g. --set prune.sparsity=0.4 (repeatable)",
+        )
+        return p
+
+    with_config(
+        "train", "LoRA fine-tuning under ZeRO-3 with the EfficientXpert prune schedule; writes the sparse expert"
+    )
+    prune = with_config("prune", "one-shot prune event (foresight, wanda, magnitude, sparsegpt) on a dense model")
+    prune.add_argument("--adapter", default=None, help="a trained PEFT adapter directory to merge before pruning")
     return parser
 
 
@@ -19,5 +57,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
+        return 2
+    try:
+        cfg = load_config(args.config, _overrides(args.set))
+        from exert_ds import trainer  # heavy imports (deepspeed) only once the config is known to be good
+
+        if args.command == "train":
+            trainer.train(cfg)
+        elif args.command == "prune":
+            trainer.prune_once(cfg, adapter=args.adapter)
+    except (ConfigError, ValueError) as err:  # bad input: one line, same on every rank
+        message = " ".join(str(err).split())
+        print(f"exert-ds: error: {message}", file=sys.stderr)
         return 2
     return 0

@@ -19,7 +19,8 @@ from exert_ds.foresight import ROLES
 
 
 def attach_lora(model: nn.Module, lora_kwargs: dict, roles: tuple[str, ...] = ROLES) -> nn.Module:
-    """Wrap `model` with PEFT LoRA; `lora_kwargs` are LoraConfig's own fields (r, lora_alpha, ...)."""
+    """Wrap `model` with PEFT LoRA; `lora_kwargs` are LoraConfig's own fields (r, lora_alpha, ...).
+    Without `target_modules` there, LoRA goes on the projections of `roles` (default: all seven)."""
     kwargs = {"task_type": "CAUSAL_LM", "target_modules": target_module_names(model, roles), **lora_kwargs}
     return get_peft_model(model, LoraConfig(**kwargs))
 

@@ -1,0 +1,257 @@
+"""`exert-ds train` and `exert-ds prune`: LoRA fine-tuning inside a DeepSpeed ZeRO-3 engine with the
+EfficientXpert prune schedule, and the one-shot prune of a dense model (the post-hoc baselines).
+
+Order of work: config checked (before any process group) → process group → model loaded onto ZeRO-3 →
+PEFT LoRA → DeepSpeed engine → data → steps, with prune events planned by schedule.py and run on the
+engine's partitions by event.PruneEvent + zero3.Zero3Backend → merged sparse model written.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import deepspeed
+import deepspeed.comm as dist
+import numpy as np
+import torch
+from deepspeed.accelerator import get_accelerator
+from peft.utils import load_peft_weights
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm.auto import tqdm
+
+from exert_ds.config import ConfigError, RunConfig
+from exert_ds.data import build_train_dataset, calibration_batch
+from exert_ds.ds_config import load_ds_config
+from exert_ds.event import EventReport, PruneEvent, PruneSettings, PruneState
+from exert_ds.loading import load_model, load_tokenizer
+from exert_ds.lora import attach_lora
+from exert_ds.save import save_merged_hf
+from exert_ds.schedule import PlannedEvent, plan_events
+from exert_ds.zero3 import Zero3Backend
+
+
+def launched_world_size() -> int:
+    """World size as the launcher (deepspeed, torchrun, SLURM, mpirun) announces it, before init."""
+    for key in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS"):
+        if os.environ.get(key):
+            return int(os.environ[key])
+    return 1
+
+
+def init_distributed() -> None:
+    """Start the process group: NCCL on GPUs, gloo on CPU; MPI discovery when started by bare mpirun."""
+    backend = "gloo" if get_accelerator().device_name() == "cpu" else None
+    mpi = "OMPI_COMM_WORLD_SIZE" in os.environ and "MASTER_ADDR" not in os.environ
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=mpi)
+    if get_accelerator().device_name() != "cpu":
+        get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Logger:
+    """TensorBoard scalars and plain log lines, rank 0 only."""
+
+    def __init__(self, out_dir: Path, rank: int) -> None:
+        self.rank = rank
+        self.writer = None
+        if rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(out_dir / "tensorboard"))
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(key, value, step)
+            self.writer.flush()
+
+    def line(self, text: str) -> None:
+        if self.rank == 0:
+            tqdm.write(text)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+@dataclass
+class Session:
+    """Everything a run builds once: the engine, its data, the event runner."""
+
+    cfg: RunConfig
+    engine: deepspeed.DeepSpeedEngine
+    tokenizer: object
+    loader: DataLoader | None
+    sampler: DistributedSampler | None
+    events: PruneEvent
+    calibration: torch.Tensor
+    logger: Logger
+    out_dir: Path
+
+
+def prune_settings(cfg: RunConfig, sparsity: float) -> PruneSettings:
+    return PruneSettings(
+        sparsity=sparsity,
+        scorer=cfg.prune.scorer,
+        n=cfg.prune.n,
+        m=cfg.prune.m,
+        pbs_mode=cfg.pbs.mode,
+        pbs_reg=cfg.pbs.reg,
+        pbs_keep_weight=cfg.pbs.keep_weight,
+        ema_eta=cfg.prune.ema_eta,
+        reset_after_prune=cfg.train.reset_after_prune,
+        seed=cfg.train.seed,
+        micro_batch=cfg.calibration.micro_batch,
+    )
+
+
+def build_session(cfg: RunConfig, with_training_data: bool, adapter: str | None = None) -> Session:
+    world = launched_world_size()
+    ds_config = load_ds_config(cfg.deepspeed, world)  # checked before the process group starts
+    if cfg.calibration.num_samples % world:
+        raise ConfigError(
+            f"config key 'calibration.num_samples' ({cfg.calibration.num_samples}) must be a multiple of the "
+            f"world size {world}: every rank takes the same share"
+        )
+    init_distributed()
+    rank = dist.get_rank()
+    if rank != 0:
+        datasets.disable_progress_bars()
+    seed_everything(cfg.train.seed)
+    out_dir = Path(cfg.train.output_dir)
+    tokenizer = load_tokenizer(cfg.model)
+    model, keep_alive = load_model(cfg.model, ds_config)
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model = attach_lora(model, dict(cfg.lora))
+    model._exert_hf_ds_config = keep_alive  # HfDeepSpeedConfig must outlive the model
+    if adapter:
+        load_adapter_weights(model, adapter)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
+    loader = sampler = None
+    if with_training_data:
+        dataset = build_train_dataset(cfg.data.train, tokenizer, cfg.data.seq_len, cfg.data.packing, cfg.train.seed)
+        sampler = DistributedSampler(
+            dataset, num_replicas=dist.get_world_size(), rank=rank, shuffle=False, drop_last=True
+        )
+        loader = DataLoader(
+            dataset, batch_size=engine.train_micro_batch_size_per_gpu(), sampler=sampler, drop_last=True
+        )
+        if len(loader) < engine.gradient_accumulation_steps():
+            raise ConfigError(
+                f"data.train gives {len(loader)} micro-batches per rank, fewer than gradient_accumulation_steps; add data"
+            )
+    ids = calibration_batch(
+        cfg.calibration_sources(), tokenizer, cfg.calibration.num_samples, cfg.calibration.seq_len, cfg.train.seed
+    )
+    events = PruneEvent(engine.module, Zero3Backend(), prune_settings(cfg, cfg.prune.sparsity), PruneState())
+    logger = Logger(out_dir, rank)
+    return Session(cfg, engine, tokenizer, loader, sampler, events, ids[rank :: dist.get_world_size()], logger, out_dir)
+
+
+@torch.no_grad()
+def load_adapter_weights(model: torch.nn.Module, adapter_dir: str) -> None:
+    """Load a trained PEFT adapter (adapter_model.safetensors) into the attached LoRA, by name."""
+    try:
+        weights = load_peft_weights(adapter_dir)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"--adapter {adapter_dir}: no PEFT adapter there ({str(err).splitlines()[0]})") from err
+    params = dict(model.named_parameters())
+    for key, value in weights.items():
+        name = key.replace(".weight", ".default.weight")
+        if name not in params:
+            raise ConfigError(f"--adapter {adapter_dir}: {key} does not match this model's LoRA (r or targets differ)")
+        params[name].copy_(value.to(params[name].dtype))
+
+
+def run_event(session: Session, planned: PlannedEvent, step: int) -> EventReport:
+    report = session.events.run(session.calibration, planned.sparsity, pbs=planned.pbs, ema=planned.ema)
+    scalars = {**report.scalars(), "event/sparsity_target": planned.sparsity}
+    session.logger.scalars(scalars, step)
+    held = sum(r.held for r in report.roles.values())
+    pruned = sum(r.pruned for r in report.roles.values())
+    session.logger.line(
+        f"prune event {report.event} before step {step}: sparsity {pruned / max(held, 1):.4f} "
+        f"(target {planned.sparsity:.4f}), pbs={planned.pbs}, ema={planned.ema}, {report.seconds:.1f}s"
+    )
+    return report
+
+
+def train(cfg: RunConfig) -> Path | None:
+    """The EfficientXpert run: LoRA training with prune events; writes the merged sparse expert."""
+    session = build_session(cfg, with_training_data=True)
+    engine, loader, logger = session.engine, session.loader, session.logger
+    accumulation = engine.gradient_accumulation_steps()
+    steps_per_epoch = len(loader) // accumulation
+    total = min(cfg.train.max_steps or steps_per_epoch * cfg.train.epochs, steps_per_epoch * cfg.train.epochs)
+    plan = plan_events(cfg.prune, total, steps_per_epoch)
+    logger.line(
+        f"training {total} steps ({steps_per_epoch} per epoch), prune events before steps {[e.step for e in plan]}"
+    )
+    step, tokens, started, losses = 0, 0, time.perf_counter(), []
+    bar = tqdm(total=total, desc="train", disable=dist.get_rank() != 0)
+    engine.train()
+    for epoch in range(cfg.train.epochs):
+        session.sampler.set_epoch(epoch)
+        for micro, batch in enumerate(loader):
+            if step >= total:
+                break
+            if micro % accumulation == 0:
+                while plan and plan[0].step == step:
+                    run_event(session, plan.pop(0), step)
+                    engine.train()
+            batch = {k: v.to(engine.device) for k, v in batch.items()}
+            loss = engine(**batch).loss
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+            tokens += int(batch["attention_mask"].sum())
+            if (micro + 1) % accumulation:
+                continue
+            step += 1
+            bar.update(1)
+            if step % cfg.train.log_every == 0 or step == total:
+                _log_step(session, step, losses, tokens, started)
+                losses, tokens, started = [], 0, time.perf_counter()
+    bar.close()
+    for planned in plan:  # the final event (and any planned at the very end)
+        run_event(session, planned, step)
+    if not cfg.prune.enabled:  # dense LoRA: merge only (an event at sparsity 0)
+        session.events.run(session.calibration, 0.0, pbs=False, ema=False, progress=False)
+    out = save_merged_hf(engine.module, session.tokenizer, session.out_dir / "final")
+    logger.line(f"wrote {out}")
+    logger.close()
+    return out
+
+
+def _log_step(session: Session, step: int, losses: list[float], tokens: int, started: float) -> None:
+    stats = torch.tensor([sum(losses), len(losses), tokens], dtype=torch.float64)
+    Zero3Backend().all_reduce(stats)
+    loss = float(stats[0] / stats[1])
+    seconds = time.perf_counter() - started
+    lr = session.engine.get_lr()[0] if session.engine.get_lr() else 0.0
+    session.logger.scalars({"train/loss": loss, "train/lr": lr, "train/tokens_per_s": float(stats[2]) / seconds}, step)
+    session.logger.line(f"step {step}: loss {loss:.4f}, lr {lr:.2e}, {float(stats[2]) / seconds:.0f} tokens/s")
+
+
+def prune_once(cfg: RunConfig, adapter: str | None = None) -> Path | None:
+    """One-shot prune event (any scorer) on a dense model, with or without a trained adapter, then save."""
+    session = build_session(cfg, with_training_data=False, adapter=adapter)
+    planned = PlannedEvent(step=0, sparsity=cfg.prune.sparsity, pbs=cfg.pbs.mode != "off", ema=False, final=True)
+    run_event(session, planned, 0)
+    out = save_merged_hf(session.engine.module, session.tokenizer, session.out_dir / "final")
+    session.logger.line(f"wrote {out}")
+    session.logger.close()
+    return out
