@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             trainer.train(cfg)
         elif args.command == "prune":
             trainer.prune_once(cfg, adapter=args.adapter)
-    except (ConfigError, ValueError) as err:  # bad input: one line, same on every rank
+    except ConfigError as err:  # bad input: one line, same on every rank
         message = " ".join(str(err).split())
         print(f"exert-ds: error: {message}", file=sys.stderr)
         return 2

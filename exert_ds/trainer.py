@@ -8,9 +8,11 @@ engine's partitions by event.PruneEvent + zero3.Zero3Backend → merged sparse m
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from peft.utils import load_peft_weights
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
+from exert_ds.architecture import geometry
 from exert_ds.config import ConfigError, RunConfig
 from exert_ds.data import build_train_dataset, calibration_batch
 from exert_ds.ds_config import load_ds_config
@@ -115,6 +118,31 @@ def prune_settings(cfg: RunConfig, sparsity: float) -> PruneSettings:
     )
 
 
+@contextlib.contextmanager
+def user_errors(what: str) -> Iterator[None]:
+    """Turn the library's ValueErrors about the user's model, data or settings into one-line ConfigErrors."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except ValueError as err:
+        raise ConfigError(f"{what}: {' '.join(str(err).split())}") from err
+
+
+def check_pattern_fits(model: torch.nn.Module, n: int, m: int) -> None:
+    """N:M needs M to divide every pruned matrix's input width; say so before any work is done."""
+    if not m:
+        return
+    geo = geometry(model)
+    for width, name in (
+        (geo.hidden_size, "hidden_size"),
+        (geo.intermediate_size, "intermediate_size"),
+        (geo.num_heads * geo.head_dim, "num_heads·head_dim"),
+    ):
+        if width % m:
+            raise ConfigError(f"config keys 'prune.n'/'prune.m': M={m} does not divide the model's {name} ({width})")
+
+
 def build_session(cfg: RunConfig, with_training_data: bool, adapter: str | None = None) -> Session:
     world = launched_world_size()
     ds_config = load_ds_config(cfg.deepspeed, world)  # checked before the process group starts
@@ -130,19 +158,28 @@ def build_session(cfg: RunConfig, with_training_data: bool, adapter: str | None 
     seed_everything(cfg.train.seed)
     out_dir = Path(cfg.train.output_dir)
     tokenizer = load_tokenizer(cfg.model)
+    dataset = None
+    if with_training_data:  # data and calibration first: their errors come before the (long) model load
+        with user_errors("data.train"):
+            dataset = build_train_dataset(cfg.data.train, tokenizer, cfg.data.seq_len, cfg.data.packing, cfg.train.seed)
+    with user_errors("calibration"):
+        ids = calibration_batch(
+            cfg.calibration_sources(), tokenizer, cfg.calibration.num_samples, cfg.calibration.seq_len, cfg.train.seed
+        )
     model, keep_alive = load_model(cfg.model, ds_config)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    model = attach_lora(model, dict(cfg.lora))
+    with user_errors("model"):
+        check_pattern_fits(model, cfg.prune.n, cfg.prune.m)
+        model = attach_lora(model, dict(cfg.lora))
     model._exert_hf_ds_config = keep_alive  # HfDeepSpeedConfig must outlive the model
     if adapter:
         load_adapter_weights(model, adapter)
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
     loader = sampler = None
-    if with_training_data:
-        dataset = build_train_dataset(cfg.data.train, tokenizer, cfg.data.seq_len, cfg.data.packing, cfg.train.seed)
+    if dataset is not None:
         sampler = DistributedSampler(
             dataset, num_replicas=dist.get_world_size(), rank=rank, shuffle=False, drop_last=True
         )
@@ -153,10 +190,8 @@ def build_session(cfg: RunConfig, with_training_data: bool, adapter: str | None 
             raise ConfigError(
                 f"data.train gives {len(loader)} micro-batches per rank, fewer than gradient_accumulation_steps; add data"
             )
-    ids = calibration_batch(
-        cfg.calibration_sources(), tokenizer, cfg.calibration.num_samples, cfg.calibration.seq_len, cfg.train.seed
-    )
-    events = PruneEvent(engine.module, Zero3Backend(), prune_settings(cfg, cfg.prune.sparsity), PruneState())
+    with user_errors("prune"):
+        events = PruneEvent(engine.module, Zero3Backend(), prune_settings(cfg, cfg.prune.sparsity), PruneState())
     logger = Logger(out_dir, rank)
     return Session(cfg, engine, tokenizer, loader, sampler, events, ids[rank :: dist.get_world_size()], logger, out_dir)
 
@@ -242,8 +277,19 @@ def _log_step(session: Session, step: int, losses: list[float], tokens: int, sta
     loss = float(stats[0] / stats[1])
     seconds = time.perf_counter() - started
     lr = session.engine.get_lr()[0] if session.engine.get_lr() else 0.0
-    session.logger.scalars({"train/loss": loss, "train/lr": lr, "train/tokens_per_s": float(stats[2]) / seconds}, step)
-    session.logger.line(f"step {step}: loss {loss:.4f}, lr {lr:.2e}, {float(stats[2]) / seconds:.0f} tokens/s")
+    peak = get_accelerator().max_memory_allocated() / 2**30
+    session.logger.scalars(
+        {
+            "train/loss": loss,
+            "train/lr": lr,
+            "train/tokens_per_s": float(stats[2]) / seconds,
+            "train/peak_mem_gib": peak,
+        },
+        step,
+    )
+    session.logger.line(
+        f"step {step}: loss {loss:.4f}, lr {lr:.2e}, {float(stats[2]) / seconds:.0f} tokens/s, peak {peak:.1f} GiB (rank 0)"
+    )
 
 
 def prune_once(cfg: RunConfig, adapter: str | None = None) -> Path | None:
