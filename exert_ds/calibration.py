@@ -34,6 +34,7 @@ def capture_block_inputs(model: nn.Module, input_ids: Tensor, micro_batch: int) 
     """Run the embeddings (and rotary, mask construction) of `model` on `input_ids` (N × T) and return
     the hidden states and keyword arguments that block 0 receives, per micro-batch of sequences."""
     first = decoder_layers(model)[0]
+    input_ids = input_ids.to(next(model.parameters()).device)
     caught: list[BlockInputs] = []
 
     def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
