@@ -90,6 +90,14 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    perplexity: list[DataSource] = field(default_factory=list)  # held-out text; empty: no perplexity
+    window: int = 256
+    max_windows: int | None = 32
+    micro_batch: int = 4
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: dict[str, Any] = field(
@@ -101,6 +109,7 @@ class RunConfig:
     prune: PruneConfig = field(default_factory=PruneConfig)
     pbs: PBSConfig = field(default_factory=PBSConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def calibration_sources(self) -> list[DataSource]:
         return self.calibration.sources or self.data.train
@@ -277,7 +286,11 @@ def _resolve_local_paths(cfg: RunConfig, base_dir: Path) -> None:
         cfg.model.tokenizer = resolve("model.tokenizer", cfg.model.tokenizer)
     if isinstance(cfg.deepspeed, str):
         cfg.deepspeed = resolve("deepspeed", cfg.deepspeed)
-    for name, sources in (("data.train", cfg.data.train), ("calibration.sources", cfg.calibration.sources)):
+    for name, sources in (
+        ("data.train", cfg.data.train),
+        ("calibration.sources", cfg.calibration.sources),
+        ("eval.perplexity", cfg.eval.perplexity),
+    ):
         for i, source in enumerate(sources):
             resolved = resolve(f"{name}[{i}].path", source.path)
             if resolved != source.path:

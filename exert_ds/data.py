@@ -129,18 +129,24 @@ def build_train_dataset(
     return TokenBlocks(**{name: t[order] for name, t in tensors.items()})
 
 
+def packed_windows(sources: list[DataSource], tokenizer: PreTrainedTokenizerBase, seq_len: int) -> torch.LongTensor:
+    """All consecutive windows (rows × seq_len) of the sources' packed text (documents + EOS, sources in order;
+    prompt + response for instruction data), the remainder dropped. Calibration and perplexity read it."""
+    stream = np.concatenate([_flat(_encode(source, tokenizer), "ids") for source in sources])
+    return torch.from_numpy(_blocks(stream, seq_len))
+
+
 def calibration_batch(
     sources: list[DataSource], tokenizer: PreTrainedTokenizerBase, num_samples: int, seq_len: int, seed: int
 ) -> torch.LongTensor:
     """`num_samples` distinct windows of `seq_len` tokens (num_samples × seq_len) from the sources' packed text
     (prompt + response for instruction data), picked by `seed` so every rank and re-run prunes on the same tokens."""
-    stream = np.concatenate([_flat(_encode(source, tokenizer), "ids") for source in sources])
-    if len(stream) < num_samples * seq_len:
+    windows = packed_windows(sources, tokenizer, seq_len)
+    if windows.shape[0] < num_samples:
         raise ValueError(
-            f"calibration needs {num_samples} sequences of {seq_len} tokens but the data holds only {len(stream)} "
-            "tokens; lower calibration.num_samples/seq_len or add data"
+            f"calibration needs {num_samples} sequences of {seq_len} tokens but the data holds only "
+            f"{windows.shape[0]} such windows; lower calibration.num_samples/seq_len or add data"
         )
-    windows = torch.from_numpy(_blocks(stream, seq_len))
     pick = torch.randperm(windows.shape[0], generator=torch.Generator().manual_seed(seed))[:num_samples]
     return windows[pick]
 

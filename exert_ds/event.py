@@ -289,6 +289,19 @@ class PruneEvent:
         return self.backend.all_reduce(delta)
 
 
+@torch.no_grad()
+def measured_sparsity(model: nn.Module, backend: Backend) -> dict[str, float]:
+    """Fraction of exact zeros per role over all blocks, read from the base weights themselves (all ranks)."""
+    counts = {role: torch.zeros(2, dtype=torch.float64) for role in ROLES}
+    for block in range(len(decoder_layers(model))):
+        for role, layer in block_lora_layers(model, block).items():
+            acc = backend.linear(layer)
+            weight, valid = acc.weight_block(), acc.valid()
+            held = torch.ones_like(weight, dtype=torch.bool) if valid is None else valid
+            counts[role] += torch.tensor([float(((weight == 0) & held).sum()), float(held.sum())], dtype=torch.float64)
+    return {role: float(c[0] / c[1]) for role, c in ((r, backend.all_reduce(c)) for r, c in counts.items())}
+
+
 def run_prune_event(
     model: nn.Module,
     backend: Backend,

@@ -9,6 +9,7 @@ engine's partitions by event.PruneEvent + zero3.Zero3Backend → merged sparse m
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import time
@@ -30,9 +31,10 @@ from exert_ds.architecture import geometry
 from exert_ds.config import ConfigError, RunConfig
 from exert_ds.data import build_train_dataset, calibration_batch
 from exert_ds.ds_config import load_ds_config
-from exert_ds.event import EventReport, PruneEvent, PruneSettings, PruneState
+from exert_ds.event import EventReport, PruneEvent, PruneSettings, PruneState, measured_sparsity
 from exert_ds.loading import load_model, load_tokenizer
 from exert_ds.lora import attach_lora
+from exert_ds.perplexity import perplexity, text_windows
 from exert_ds.save import save_merged_hf
 from exert_ds.schedule import PlannedEvent, plan_events
 from exert_ds.zero3 import Zero3Backend
@@ -98,6 +100,7 @@ class Session:
     sampler: DistributedSampler | None
     events: PruneEvent
     calibration: torch.Tensor
+    perplexity_windows: torch.Tensor | None
     logger: Logger
     out_dir: Path
 
@@ -166,6 +169,10 @@ def build_session(cfg: RunConfig, with_training_data: bool, adapter: str | None 
         ids = calibration_batch(
             cfg.calibration_sources(), tokenizer, cfg.calibration.num_samples, cfg.calibration.seq_len, cfg.train.seed
         )
+    windows = None
+    if cfg.eval.perplexity:
+        with user_errors("eval.perplexity"):
+            windows = text_windows(cfg.eval.perplexity, tokenizer, cfg.eval.window, cfg.eval.max_windows)
     model, keep_alive = load_model(cfg.model, ds_config)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -193,7 +200,8 @@ def build_session(cfg: RunConfig, with_training_data: bool, adapter: str | None 
     with user_errors("prune"):
         events = PruneEvent(engine.module, Zero3Backend(), prune_settings(cfg, cfg.prune.sparsity), PruneState())
     logger = Logger(out_dir, rank)
-    return Session(cfg, engine, tokenizer, loader, sampler, events, ids[rank :: dist.get_world_size()], logger, out_dir)
+    share = ids[rank :: dist.get_world_size()]
+    return Session(cfg, engine, tokenizer, loader, sampler, events, share, windows, logger, out_dir)
 
 
 @torch.no_grad()
@@ -224,10 +232,48 @@ def run_event(session: Session, planned: PlannedEvent, step: int) -> EventReport
     return report
 
 
+def held_out_perplexity(session: Session) -> float | None:
+    if session.perplexity_windows is None:
+        return None
+    backend = Zero3Backend()
+    result = perplexity(
+        session.engine.module,
+        session.perplexity_windows,
+        session.cfg.eval.micro_batch,
+        backend.rank,
+        backend.world,
+        backend.all_reduce,
+    )
+    return result["perplexity"]
+
+
+def finish(session: Session, dense_ppl: float | None) -> Path | None:
+    """Measure, report and save the sparse expert (after the final event: B = 0, weights merged and masked)."""
+    sparsity = measured_sparsity(session.engine.module, Zero3Backend())
+    summary = {
+        "measured_sparsity": sparsity,
+        "dense_perplexity": dense_ppl,
+        "sparse_perplexity": held_out_perplexity(session),
+    }
+    out = save_merged_hf(session.engine.module, session.tokenizer, session.out_dir / "final")
+    if dist.get_rank() == 0:
+        (session.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        roles = ", ".join(f"{role} {value:.4f}" for role, value in sparsity.items())
+        session.logger.line(f"measured sparsity per role: {roles}")
+        if dense_ppl is not None:
+            session.logger.line(
+                f"held-out perplexity: dense {dense_ppl:.3f} -> sparse {summary['sparse_perplexity']:.3f}"
+            )
+        session.logger.line(f"wrote {out} and {session.out_dir / 'summary.json'}")
+    session.logger.close()
+    return out
+
+
 def train(cfg: RunConfig) -> Path | None:
     """The EfficientXpert run: LoRA training with prune events; writes the merged sparse expert."""
     session = build_session(cfg, with_training_data=True)
     engine, loader, logger = session.engine, session.loader, session.logger
+    dense_ppl = held_out_perplexity(session)  # LoRA B = 0 at the start: the dense model
     accumulation = engine.gradient_accumulation_steps()
     steps_per_epoch = len(loader) // accumulation
     total = min(cfg.train.max_steps or steps_per_epoch * cfg.train.epochs, steps_per_epoch * cfg.train.epochs)
@@ -265,10 +311,7 @@ def train(cfg: RunConfig) -> Path | None:
         run_event(session, planned, step)
     if not cfg.prune.enabled:  # dense LoRA: merge only (an event at sparsity 0)
         session.events.run(session.calibration, 0.0, pbs=False, ema=False, progress=False)
-    out = save_merged_hf(engine.module, session.tokenizer, session.out_dir / "final")
-    logger.line(f"wrote {out}")
-    logger.close()
-    return out
+    return finish(session, dense_ppl)
 
 
 def _log_step(session: Session, step: int, losses: list[float], tokens: int, started: float) -> None:
@@ -296,8 +339,6 @@ def prune_once(cfg: RunConfig, adapter: str | None = None) -> Path | None:
     """One-shot prune event (any scorer) on a dense model, with or without a trained adapter, then save."""
     session = build_session(cfg, with_training_data=False, adapter=adapter)
     planned = PlannedEvent(step=0, sparsity=cfg.prune.sparsity, pbs=cfg.pbs.mode != "off", ema=False, final=True)
+    dense_ppl = held_out_perplexity(session)
     run_event(session, planned, 0)
-    out = save_merged_hf(session.engine.module, session.tokenizer, session.out_dir / "final")
-    session.logger.line(f"wrote {out}")
-    session.logger.close()
-    return out
+    return finish(session, dense_ppl)

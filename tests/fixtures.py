@@ -63,7 +63,8 @@ def run_yaml(tmp: Path, **sections) -> Path:
         "train": {"epochs": 2, "output_dir": str(tmp / "run"), "log_every": 1},
     }
     for key, value in sections.items():
-        cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
+        merge = isinstance(value, dict) and isinstance(cfg.get(key), dict)
+        cfg[key] = {**cfg[key], **value} if merge else value
     path = tmp / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

@@ -211,7 +211,7 @@ def test_calibration_too_short(tmp_path, tok):
     with pytest.raises(
         ValueError,
         match=(
-            r"calibration needs 2 sequences of 4 tokens but the data holds only 7 tokens; "
+            r"calibration needs 2 sequences of 4 tokens but the data holds only 1 such windows; "
             r"lower calibration.num_samples/seq_len or add data"
         ),
     ):

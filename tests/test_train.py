@@ -1,5 +1,6 @@
 """`exert-ds train` and `exert-ds prune` end to end under the deepspeed launcher on 2 CPU ranks."""
 
+import json
 import math
 
 import pytest
@@ -20,7 +21,12 @@ def pruned_matrices(state: dict) -> dict:
 
 
 def test_train_two_events_reaches_exact_sparsity(tmp_path):
-    config = run_yaml(tmp_path, prune={"sparsity": 0.5, "every_steps": 3}, train={"max_steps": 7})
+    config = run_yaml(
+        tmp_path,
+        prune={"sparsity": 0.5, "every_steps": 3},
+        train={"max_steps": 7},
+        eval={"perplexity": [{"path": str(tmp_path / "health.jsonl")}], "window": 16, "max_windows": 5},
+    )
     proc = deepspeed_cpu(["--module", "exert_ds", "train", "--config", str(config)], ranks=2)
     losses = [
         float(line.split("loss ")[1].split(",")[0])
@@ -37,6 +43,11 @@ def test_train_two_events_reaches_exact_sparsity(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(final)  # stock loading of what we wrote
     assert torch.isfinite(model(input_ids=torch.tensor([[1, 5, 7, 9]])).logits).all()
     assert any((tmp_path / "run" / "tensorboard").iterdir())
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    widths = {"q": 45, "k": 45, "v": 45, "o": 36, "gate": 45, "up": 45, "down": 47}  # in_features of llama-odd
+    for role, width in widths.items():
+        assert summary["measured_sparsity"][role] == pytest.approx(math.floor(0.5 * width) / width), role
+    assert math.isfinite(summary["dense_perplexity"]) and math.isfinite(summary["sparse_perplexity"])
 
 
 def test_prune_one_shot_wanda(tmp_path):

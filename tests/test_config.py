@@ -1,0 +1,83 @@
+"""Bad input gets one line naming the key and the fix, before any process group starts."""
+
+from pathlib import Path
+
+import pytest
+
+from exert_ds.cli import main
+from exert_ds.config import ConfigError, load_config
+from exert_ds.ds_config import load_ds_config
+from tests.fixtures import run_yaml
+from tests.launch import deepspeed_cpu
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "ds_configs").glob("*.json")))
+def test_shipped_deepspeed_configs_pass_deepspeed_validation(name):
+    ds = load_ds_config(str(REPO / "ds_configs" / name), world_size=2)
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * 2
+
+
+BAD = [
+    ({"prune": {"sparsity": 1.0}}, "'prune.sparsity' must be in [0, 1)"),
+    ({"prune": {"sparsity": -0.2}}, "'prune.sparsity' must be in [0, 1)"),
+    ({"prune": {"sparsty": 0.5}}, "did you mean 'prune.sparsity'"),
+    ({"prune": {"sparsity": "half"}}, "'prune.sparsity' must be float"),
+    ({"prune": {"n": 4, "m": 4}}, "need 0 < n < m"),
+    ({"prune": {"scorer": "random"}}, "'prune.scorer' must be one of"),
+    ({"prune": {"scorer": "sparsegpt"}}, "set 'pbs.mode: off'"),
+    ({"pbs": {"mode": "fast"}}, "'pbs.mode' must be one of"),
+    (
+        {"lora": {"r": 4, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"]}},
+        "lacks ['down_proj']",
+    ),
+    ({"deepspeed": {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 2}}}, "set it to 3"),
+    (
+        {"deepspeed": {"train_micro_batch_size_per_gpu": 2, "train_batch_size": 7, "zero_optimization": {"stage": 3}}},
+        "train_batch_size 7 != train_micro_batch_size_per_gpu 2",
+    ),
+    ({"model": {"name_or_path": "./no_such_model_dir"}}, "does not exist"),
+    ({"train": {"epochs": 0}}, "'train.epochs' must be > 0"),
+    ({"trian": {}}, "did you mean 'train'"),
+]
+
+
+@pytest.mark.parametrize("sections,message", BAD)
+def test_bad_config_one_line(tmp_path, capsys, sections, message):
+    config = run_yaml(tmp_path, **sections)
+    capsys.readouterr()  # drop what writing the fixture printed
+    assert main(["train", "--config", str(config)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("exert-ds: error:") and message in err and "\n" not in err
+    assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_missing_config_file(capsys):
+    assert main(["train", "--config", "/no/such/run.yaml"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_overrides_are_typed(tmp_path):
+    cfg = load_config(run_yaml(tmp_path), {"prune.sparsity": 0.4, "train.max_steps": 3})
+    assert cfg.prune.sparsity == 0.4 and cfg.train.max_steps == 3
+    with pytest.raises(ConfigError, match="did you mean 'prune.sparsity'"):
+        load_config(run_yaml(tmp_path), {"prune.sparsit": 0.4})
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(
+    "sections,message",
+    [
+        ({"calibration": {"num_samples": 400, "seq_len": 16}}, "calibration needs 400 sequences"),
+        ({"prune": {"n": 2, "m": 4}}, "M=4 does not divide"),
+    ],
+)
+def test_runtime_bad_input_same_error_on_both_ranks(tmp_path, sections, message):
+    """Errors found after the process group starts: both ranks print the same line and exit, no hang."""
+    config = run_yaml(tmp_path, **sections)
+    with pytest.raises(AssertionError) as failed:
+        deepspeed_cpu(["--module", "exert_ds", "train", "--config", str(config)], ranks=2, timeout=300)
+    output = str(failed.value)
+    assert output.count(message) >= 2, output[-2000:]
