@@ -206,7 +206,8 @@ def build_session(cfg: RunConfig, with_training_data: bool, adapter: str | None 
 
 @torch.no_grad()
 def load_adapter_weights(model: torch.nn.Module, adapter_dir: str) -> None:
-    """Load a trained PEFT adapter (adapter_model.safetensors) into the attached LoRA, by name."""
+    """Load a trained PEFT adapter (adapter_model.safetensors) into the attached LoRA, by name. LoRA that is
+    already partitioned by ZeRO-3 is gathered, written on rank 0 and re-partitioned."""
     try:
         weights = load_peft_weights(adapter_dir)
     except (OSError, ValueError) as err:
@@ -214,9 +215,15 @@ def load_adapter_weights(model: torch.nn.Module, adapter_dir: str) -> None:
     params = dict(model.named_parameters())
     for key, value in weights.items():
         name = key.replace(".weight", ".default.weight")
-        if name not in params:
+        param = params.get(name)
+        if param is None or tuple(getattr(param, "ds_shape", param.shape)) != tuple(value.shape):
             raise ConfigError(f"--adapter {adapter_dir}: {key} does not match this model's LoRA (r or targets differ)")
-        params[name].copy_(value.to(params[name].dtype))
+        if not hasattr(param, "ds_id"):  # not partitioned yet: every rank writes the same values
+            param.copy_(value.to(param.dtype))
+            continue
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            if dist.get_rank() == 0:
+                param.copy_(value.to(param.dtype))
 
 
 def run_event(session: Session, planned: PlannedEvent, step: int) -> EventReport:

@@ -55,3 +55,31 @@ def test_prune_one_shot_wanda(tmp_path):
     deepspeed_cpu(["--module", "exert_ds", "prune", "--config", str(config)], ranks=2)
     for name, w in pruned_matrices(load_file(tmp_path / "run" / "final" / "model.safetensors")).items():
         assert ((w == 0).sum(1) == math.floor(0.4 * w.shape[1])).all(), name
+
+
+def test_prune_with_trained_adapter_equals_one_process(tmp_path):
+    """`exert-ds prune --adapter DIR` on 2 ranks = the 1-process event on the same model with that adapter."""
+    from exert_ds.access import DenseBackend
+    from exert_ds.event import PruneSettings, run_prune_event
+    from tests.tiny_models import tiny_lora_model
+
+    config = run_yaml(tmp_path, prune={"scorer": "foresight", "sparsity": 0.5})
+    vocab = AutoModelForCausalLM.from_pretrained(tmp_path / "model").config.vocab_size
+    adapted = tiny_lora_model("llama-odd", vocab=vocab, r=4, seed=0)  # same base weights as the saved model
+    adapted.save_pretrained(tmp_path / "adapter")
+    deepspeed_cpu(
+        ["--module", "exert_ds", "prune", "--config", str(config), "--adapter", str(tmp_path / "adapter")], ranks=2
+    )
+    got = pruned_matrices(load_file(tmp_path / "run" / "final" / "model.safetensors"))
+    # the same event in one process, on the same calibration windows the run used
+    from exert_ds.config import load_config
+    from exert_ds.data import calibration_batch
+    from exert_ds.loading import load_tokenizer
+
+    cfg = load_config(config)
+    ids = calibration_batch(cfg.calibration_sources(), load_tokenizer(cfg.model), 8, 16, cfg.train.seed)
+    run_prune_event(adapted, DenseBackend(), PruneSettings(sparsity=0.5, micro_batch=4), ids)
+    want = {k.removeprefix("base_model.model.").replace(".base_layer", ""): v for k, v in adapted.state_dict().items()}
+    for name, w in got.items():
+        assert torch.equal(w != 0, want[name] != 0), name
+        assert float((w - want[name]).norm() / want[name].norm()) <= 1e-5, name

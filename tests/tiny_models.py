@@ -56,9 +56,11 @@ def tiny_model(family: str = "llama", layers: int = 2, vocab: int = 96, dtype=to
     return model_cls(config).to(dtype)
 
 
-def tiny_lora_model(family: str = "llama", layers: int = 2, r: int = 4, dtype=torch.float32, seed: int = 0):
+def tiny_lora_model(
+    family: str = "llama", layers: int = 2, r: int = 4, dtype=torch.float32, seed: int = 0, vocab: int = 96
+):
     """A tiny model with LoRA on all seven roles and a random (trained-looking) B."""
-    model = attach_lora(tiny_model(family, layers, dtype=dtype, seed=seed), {"r": r, "lora_alpha": 2 * r})
+    model = attach_lora(tiny_model(family, layers, vocab=vocab, dtype=dtype, seed=seed), {"r": r, "lora_alpha": 2 * r})
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, param in model.named_parameters():
