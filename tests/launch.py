@@ -1,4 +1,4 @@
-"""Start a worker script under the `deepspeed` launcher on CPU ranks (gloo), as users launch the trainer."""
+"""Start a worker under a launcher (deepspeed, torchrun) on CPU ranks (gloo), as users launch the trainer."""
 
 from __future__ import annotations
 
@@ -18,17 +18,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def deepspeed_cpu(args: list[str], ranks: int, timeout: int = 600) -> subprocess.CompletedProcess:
-    """`DS_ACCELERATOR=cpu deepspeed --num_gpus RANKS ARGS...`; returns the finished process."""
-    launcher = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
-    env = {
+def cpu_env() -> dict[str, str]:
+    return {
         **os.environ,
         "DS_ACCELERATOR": "cpu",
         "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
         "OMP_NUM_THREADS": "1",
         "TOKENIZERS_PARALLELISM": "false",
     }
-    cmd = [launcher, "--num_gpus", str(ranks), "--master_port", str(free_port()), *args]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _run(cmd: list[str], timeout: int) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
     return proc
+
+
+def deepspeed_cpu(args: list[str], ranks: int, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`DS_ACCELERATOR=cpu deepspeed --num_gpus RANKS ARGS...`; returns the finished process."""
+    launcher = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
+    return _run([launcher, "--num_gpus", str(ranks), "--master_port", str(free_port()), *args], timeout)
+
+
+def torchrun_cpu(args: list[str], ranks: int, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`DS_ACCELERATOR=cpu torchrun --nproc_per_node RANKS ARGS...` (ARGS: `-m exert_ds ...`)."""
+    port = str(free_port())
+    return _run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", port, *args],
+        timeout,
+    )

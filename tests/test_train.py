@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from exert_ds.architecture import LLAMA_LIKE_ROLES
 from tests.fixtures import run_yaml
-from tests.launch import deepspeed_cpu
+from tests.launch import deepspeed_cpu, torchrun_cpu
 
 pytestmark = pytest.mark.distributed
 
@@ -18,6 +18,18 @@ pytestmark = pytest.mark.distributed
 def pruned_matrices(state: dict) -> dict:
     suffixes = tuple(f"{path}.weight" for path in LLAMA_LIKE_ROLES.values())
     return {k: v for k, v in state.items() if k.endswith(suffixes)}
+
+
+def loss_lines(output: str) -> list[str]:
+    return [line.split("step ", 1)[1].split(", lr")[0] for line in output.splitlines() if "loss " in line]
+
+
+def test_torchrun_gives_the_same_losses_as_the_deepspeed_launcher(tmp_path):
+    config = run_yaml(tmp_path, prune={"sparsity": 0.5, "every_steps": 2}, train={"max_steps": 4})
+    by_torchrun = torchrun_cpu(["-m", "exert_ds", "train", "--config", str(config)], ranks=2)
+    by_deepspeed = deepspeed_cpu(["--module", "exert_ds", "train", "--config", str(config)], ranks=2)
+    assert len(loss_lines(by_torchrun.stdout)) == 4
+    assert loss_lines(by_torchrun.stdout) == loss_lines(by_deepspeed.stdout)
 
 
 def test_train_two_events_reaches_exact_sparsity(tmp_path):
