@@ -230,9 +230,15 @@ def validate(cfg: RunConfig, base_dir: Path) -> None:
         ("data.seq_len", cfg.data.seq_len),
         ("train.epochs", t.epochs),
         ("train.log_every", t.log_every),
+        ("eval.window", cfg.eval.window),
+        ("eval.micro_batch", cfg.eval.micro_batch),
     ):
         _check(value > 0, f"config key '{key}' must be > 0, got {value}")
     _check(t.max_steps is None or t.max_steps > 0, f"config key 'train.max_steps' must be > 0, got {t.max_steps}")
+    _check(
+        cfg.eval.max_windows is None or cfg.eval.max_windows > 0,
+        f"config key 'eval.max_windows' must be > 0, got {cfg.eval.max_windows}",
+    )
     _check(
         t.reset_after_prune in ("none", "zero", "keep_v"),
         f"config key 'train.reset_after_prune' must be none, zero or keep_v, got {t.reset_after_prune!r}",

@@ -41,6 +41,48 @@ BAD = [
     ({"model": {"name_or_path": "./no_such_model_dir"}}, "does not exist"),
     ({"train": {"epochs": 0}}, "'train.epochs' must be > 0"),
     ({"trian": {}}, "did you mean 'train'"),
+    ({"modle": {}}, "did you mean 'model'"),
+    ({"model": {"name_or_path": ""}}, "'model.name_or_path' is required"),
+    ({"model": {"dtype": "float8"}}, "'model.dtype' must be one of"),
+    ({"model": {"init": "zeros"}}, "'model.init' must be 'pretrained' or 'random'"),
+    ({"prune": {"ramp": "linear"}}, "'prune.ramp' must be 'none' or 'cubic'"),
+    ({"prune": {"ema_eta": 0.0}}, "'prune.ema_eta' must be in (0, 1]"),
+    ({"prune": {"every_steps": 0}}, "'prune.every_steps' must be > 0"),
+    ({"prune": {"start_step": -1}}, "'prune.start_step' must be >= 0"),
+    ({"prune": {"enabled": "yes"}}, "'prune.enabled' must be bool"),
+    ({"pbs": {"reg": -1.0}}, "'pbs.reg' must be >= 0"),
+    ({"pbs": {"keep_weight": 2.0}}, "'pbs.keep_weight' must be in [0, 1]"),
+    ({"lora": {"r": 0}}, "'lora.r' must be a positive int"),
+    ({"calibration": {"num_samples": 0}}, "'calibration.num_samples' must be > 0"),
+    ({"calibration": {"seq_len": -5}}, "'calibration.seq_len' must be > 0"),
+    ({"data": {"seq_len": 0}}, "'data.seq_len' must be > 0"),
+    ({"data": {"train": []}}, "'data.train' needs at least one source"),
+    ({"data": {"train": [{"path": "./missing.jsonl"}]}}, "'data.train[0].path': ./missing.jsonl does not exist"),
+    ({"data": {"train": [{"pth": "x.jsonl"}]}}, "did you mean 'data.train[0].path'"),
+    ({"data": {"train": "health.jsonl"}}, "'data.train' must be a list"),
+    ({"train": {"reset_after_prune": "all"}}, "'train.reset_after_prune' must be none, zero or keep_v"),
+    ({"train": {"max_steps": 0}}, "'train.max_steps' must be > 0"),
+    ({"train": {"output_dir": ["a", "b"]}}, "'train.output_dir' must be str"),
+    ({"eval": {"window": 0}}, "'eval.window' must be > 0"),
+    (
+        {"eval": {"perplexity": [{"path": "./held_out.jsonl"}]}},
+        "'eval.perplexity[0].path': ./held_out.jsonl does not exist",
+    ),
+    ({"deepspeed": "./no_ds.json"}, "'deepspeed': ./no_ds.json does not exist"),
+    (
+        {"deepspeed": {"train_micro_batch_size_per_gpu": 0, "zero_optimization": {"stage": 3}}},
+        "train_micro_batch_size_per_gpu must be a positive integer",
+    ),
+    (
+        {
+            "deepspeed": {
+                "train_micro_batch_size_per_gpu": 1,
+                "zero_optimization": {"stage": 3},
+                "bf16": {"enabled": "maybe"},
+            }
+        },
+        "DeepSpeed rejected the config",
+    ),
 ]
 
 
@@ -52,6 +94,17 @@ def test_bad_config_one_line(tmp_path, capsys, sections, message):
     err = capsys.readouterr().err.strip()
     assert err.startswith("exert-ds: error:") and message in err and "\n" not in err
     assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_catalogue_is_large_enough():
+    assert len(BAD) >= 30
+
+
+def test_invalid_yaml(tmp_path, capsys):
+    bad = tmp_path / "run.yaml"
+    bad.write_text("model: {name_or_path: x\n")
+    assert main(["train", "--config", str(bad)]) == 2
+    assert "is not valid YAML" in capsys.readouterr().err
 
 
 def test_missing_config_file(capsys):
