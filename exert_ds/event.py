@@ -70,7 +70,10 @@ class PruneSettings:
 
 @dataclass
 class PruneState:
-    """What survives between events: the EMA score of every (block, role), over held elements only."""
+    """What survives between events: the EMA score of every (block, role), over held elements only.
+
+    Kept in host memory (float32, one value per held weight): on the accelerator it would cost as much as
+    the weights themselves in bf16 twice over, for state that is read once per event."""
 
     events_done: int = 0
     ema: dict[str, Tensor] = field(default_factory=dict)
@@ -245,7 +248,7 @@ class PruneEvent:
         key = PruneState.key(block, role)
         held = scores if valid is None else scores[valid]
         mixed = ema_scores(held, self.state.ema.get(key) if ema else None, self.settings.ema_eta)
-        self.state.ema[key] = mixed.float()
+        self.state.ema[key] = mixed.to("cpu", torch.float32)
         if valid is None:
             return mixed
         out = torch.zeros_like(scores)

@@ -158,7 +158,7 @@ def ema_scores(new: Tensor, previous: Tensor | None, eta: float) -> Tensor:
     """`η·S + (1 − η)·S_prev` (algorithm.md §2); the first event (previous is None) uses S alone."""
     if previous is None:
         return new
-    return eta * new + (1.0 - eta) * previous.to(new.dtype)
+    return eta * new + (1.0 - eta) * previous.to(new.device, new.dtype)
 
 
 def check_sparsity(sparsity: float, in_features: int, n: int = 0, m: int = 0) -> None:

@@ -7,7 +7,8 @@ import torch
 
 from exert_ds.access import DenseBackend
 from exert_ds.architecture import block_linears, decoder_layers
-from exert_ds.event import PruneSettings, run_prune_event
+from exert_ds.event import PruneEvent, PruneSettings, run_prune_event
+from exert_ds.foresight import row_mask
 from exert_ds.lora import adapter_seed, fresh_lora_a, lora_parts
 from tests.reference import sequential_event
 from tests.tiny_models import calibration_ids, tiny_lora_model, tiny_model
@@ -136,3 +137,32 @@ def test_unknown_architecture_and_missing_lora_role():
     model = attach_lora(tiny_model("llama"), {"r": 2}, roles=("q", "k", "v", "o", "gate", "up"))
     with pytest.raises(ValueError, match="role 'down' has no LoRA adapter"):
         run_prune_event(model, DenseBackend(), PruneSettings(sparsity=0.5), calibration_ids())
+
+
+def test_ema_mixes_scores_across_events_and_masks_follow_it():
+    """Second event with EMA: state = η·S₂ + (1 − η)·S₁ (magnitude scores, so S = |U| can be read off)."""
+    model = tiny_lora_model("llama")
+    settings = PruneSettings(sparsity=0.5, scorer="magnitude", pbs_mode="off", ema_eta=0.3)
+    event = PruneEvent(model, DenseBackend(), settings)
+    first_u = effective_weights(model)
+    event.run(calibration_ids(), 0.5, pbs=False, ema=False, progress=False)
+    with torch.no_grad():  # "training" between events: a new B
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    second_u = effective_weights(model)
+    event.run(calibration_ids(), 0.5, pbs=False, ema=True, progress=False)
+    for (block, role), u in second_u.items():
+        want = 0.3 * u.abs() + 0.7 * first_u[(block, role)].abs()
+        torch.testing.assert_close(event.state.ema[f"{block}.{role}"], want)
+        w = lora_parts(block_linears(model, block)[role])[0]
+        assert torch.equal(w != 0, row_mask(want, 0.5)), f"{block}.{role}"
+
+
+def effective_weights(model):
+    out = {}
+    for b in range(len(decoder_layers(model))):
+        for role, module in block_linears(model, b).items():
+            w, a, bb, s = lora_parts(module)
+            out[(b, role)] = (w + s * bb @ a).detach().clone()
+    return out
