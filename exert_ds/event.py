@@ -29,7 +29,7 @@ from exert_ds.foresight import (
     row_mask,
 )
 from exert_ds.lora import adapter_seed, block_lora_layers, fresh_lora_a
-from exert_ds.pbs import partial_brain_surgeon, partial_brain_surgeon_reference, reconstruction_error
+from exert_ds.pbs import partial_brain_surgeon_reference, partial_brain_surgeon_with_errors
 from exert_ds.sparsegpt import sparsegpt_prune
 
 SCORERS = ("foresight", "wanda", "magnitude", "sparsegpt")
@@ -275,7 +275,12 @@ class PruneEvent:
         zeros = torch.zeros(u_rows.shape[0], a.shape[0], dtype=a.dtype, device=a.device)
         if s.pbs_mode == "hessian":
             reg = 1e-2 if s.pbs_reg is None else s.pbs_reg
-            delta_rows = partial_brain_surgeon(u_rows, a, zeros, scale, keep_rows, hessian, reg)
+            delta_rows, before, after = partial_brain_surgeon_with_errors(
+                u_rows, a, zeros, scale, keep_rows, hessian, reg
+            )
+            errors = self.backend.all_reduce(torch.tensor([before, after], dtype=torch.float64))
+            report.roles[role].pbs_error_before += float(errors[0])
+            report.roles[role].pbs_error_after += float(errors[1])
         else:
             reg = 1e-8 if s.pbs_reg is None else s.pbs_reg
             delta_rows = partial_brain_surgeon_reference(
@@ -284,11 +289,6 @@ class PruneEvent:
         delta = torch.zeros(acc.shape[0], a.shape[0], dtype=a.dtype, device=a.device)
         row_ids = torch.arange(acc.row_start, acc.row_start + u_block.shape[0], device=a.device)
         delta[_rows_of(owned, row_ids)] = delta_rows
-        if hessian is not None:
-            before, after = reconstruction_error(u_rows, a, zeros, scale, keep_rows, hessian, delta_rows)
-            errors = self.backend.all_reduce(torch.tensor([before, after], dtype=torch.float64))
-            report.roles[role].pbs_error_before += float(errors[0])
-            report.roles[role].pbs_error_after += float(errors[1])
         return self.backend.all_reduce(delta)
 
 

@@ -44,26 +44,41 @@ def partial_brain_surgeon(
     reconstructs worse than ΔB = 0). Right-hand sides for all rows: `((P H) ⊙ M) @ Aᵀ`. Returns B + ΔB
     in B's dtype; computed in float32 (float64 if any input is float64).
     """
+    return partial_brain_surgeon_with_errors(W, A, B, scale, keep, hessian, reg)[0]
+
+
+def partial_brain_surgeon_with_errors(
+    W: Tensor, A: Tensor, B: Tensor, scale: float, keep: Tensor, hessian: Tensor, reg: float = 1e-2
+) -> tuple[Tensor, float, float]:
+    """`partial_brain_surgeon` plus the calibration reconstruction error `Σ_i d_i H d_iᵀ` of the masked merge,
+    d_i = M_i ⊙ (U_i + s·Δb_i·A) − U_i, before (ΔB = 0: d_i = −p_i) and after PBS. Both come from products the
+    solve needs anyway: p H pᵀ, and −2·y·rhs + y·G·yᵀ with y = s·Δb (no second pass over H)."""
     _check_shapes(W, A, B, keep, scale)
     dtype = _work_dtype(W, A, B, hessian)
     w, a, b, h = W.to(dtype), A.to(dtype), B.to(dtype), hessian.to(dtype)
     mask = keep.to(dtype)
     r, in_f = a.shape
     delta = torch.empty_like(b)
+    before = after = torch.zeros((), dtype=torch.float64, device=w.device)
     step = _row_chunk(w.shape[0], r, in_f)
     eye = torch.eye(r, dtype=dtype, device=w.device)
     for start in range(0, w.shape[0], step):
         rows = slice(start, start + step)
         m = mask[rows]
         pruned = (w[rows] + scale * (b[rows] @ a)) * (1 - m)  # p_i = (1 − M_i) ⊙ U_i
-        rhs = ((pruned @ h) * m) @ a.T  # chunk × r
+        pruned_h = pruned @ h
+        rhs = (pruned_h * m) @ a.T  # chunk × r
         masked_a = a[None] * m[:, None, :]
         gram = ((masked_a.reshape(-1, in_f) @ h).view_as(masked_a) * m[:, None, :]) @ a.T  # chunk × r × r
         damp = reg * gram.diagonal(dim1=1, dim2=2).mean(-1)
         damp = torch.where(damp > 0, damp, torch.ones_like(damp))  # Â_i = 0 ⇒ rhs = 0 ⇒ Δb_i = 0
-        system = gram + damp[:, None, None] * eye
-        delta[rows] = torch.linalg.solve(system, rhs.unsqueeze(-1)).squeeze(-1) / scale
-    return (b + delta).to(B.dtype)
+        y = torch.linalg.solve(gram + damp[:, None, None] * eye, rhs.unsqueeze(-1))  # chunk × r × 1, y = s·Δb
+        row_before = (pruned_h * pruned).sum(-1)
+        row_after = row_before - 2 * (y.squeeze(-1) * rhs).sum(-1) + (y.transpose(1, 2) @ gram @ y).view(-1)
+        before = before + row_before.sum().double()
+        after = after + row_after.sum().double()
+        delta[rows] = y.squeeze(-1) / scale
+    return (b + delta).to(B.dtype), float(before), float(after)
 
 
 def partial_brain_surgeon_reference(
@@ -103,22 +118,3 @@ def partial_brain_surgeon_reference(
         system = shared + (1.0 - keep_weight) * (weighted @ a.T)
         delta[rows] = -torch.linalg.solve(system, rhs.unsqueeze(-1)).squeeze(-1) / scale
     return (b + delta).to(B.dtype)
-
-
-def reconstruction_error(
-    W: Tensor, A: Tensor, B: Tensor, scale: float, keep: Tensor, hessian: Tensor, B_new: Tensor
-) -> tuple[float, float]:
-    """Calibration reconstruction error `tr(D H Dᵀ)` of the masked merge, before and after PBS.
-
-    D = M ⊙ (W + s·B'·A) − (W + s·B·A); returns (error with B' = B, error with B' = B_new).
-    """
-    dtype = _work_dtype(W, A, B, hessian)
-    w, a, h = W.to(dtype), A.to(dtype), hessian.to(dtype)
-    mask = keep.to(dtype)
-    dense = w + scale * (B.to(dtype) @ a)
-
-    def err(b: Tensor) -> float:
-        diff = mask * (w + scale * (b.to(dtype) @ a)) - dense
-        return float(((diff @ h) * diff).sum())
-
-    return err(B), err(B_new)
