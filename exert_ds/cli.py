@@ -44,8 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
         )
         return p
 
-    with_config(
+    train = with_config(
         "train", "LoRA fine-tuning under ZeRO-3 with the EfficientXpert prune schedule; writes the sparse expert"
+    )
+    train.add_argument(
+        "--resume",
+        default=None,
+        metavar="auto|PATH",
+        help="continue from a checkpoint: 'auto' = output_dir/checkpoints/latest if there is one, or a checkpoint dir",
     )
     prune = with_config("prune", "one-shot prune event (foresight, wanda, magnitude, sparsegpt) on a dense model")
     prune.add_argument("--adapter", default=None, help="a trained PEFT adapter directory to merge before pruning")
@@ -63,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         from exert_ds import trainer  # heavy imports (deepspeed) only once the config is known to be good
 
         if args.command == "train":
-            trainer.train(cfg)
+            trainer.train(cfg, resume=args.resume)
         elif args.command == "prune":
             trainer.prune_once(cfg, adapter=args.adapter)
     except ConfigError as err:  # bad input: one line, same on every rank

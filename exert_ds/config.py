@@ -25,6 +25,7 @@ from exert_ds.event import PBS_MODES, SCORERS
 from exert_ds.foresight import ROLES
 
 DTYPES = ("float32", "bfloat16", "float16")
+BOOKKEEPING_KEYS = ("log_every", "save_every_steps", "keep_checkpoints")  # train.* keys a resume may change
 
 
 class ConfigError(ValueError):
@@ -87,6 +88,8 @@ class TrainConfig:
     log_every: int = 10
     gradient_checkpointing: bool = False
     reset_after_prune: str = "none"  # Adam moments after an event: none, zero, keep_v
+    save_every_steps: int | None = None  # checkpoints also after every prune event and at the end
+    keep_checkpoints: int = 2
 
 
 @dataclass
@@ -115,8 +118,12 @@ class RunConfig:
         return self.calibration.sources or self.data.train
 
     def fingerprint(self) -> str:
-        """sha256 of the config as loaded: ties checkpoints to the run that wrote them."""
-        blob = json.dumps(dataclasses.asdict(self), sort_keys=True, default=str)
+        """sha256 of the config as loaded, less the keys that only say how often to log or checkpoint: ties
+        checkpoints to the run that wrote them."""
+        fields = dataclasses.asdict(self)
+        for key in BOOKKEEPING_KEYS:
+            fields["train"].pop(key)
+        blob = json.dumps(fields, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -231,10 +238,15 @@ def validate(cfg: RunConfig, base_dir: Path) -> None:
         ("train.epochs", t.epochs),
         ("train.log_every", t.log_every),
         ("eval.window", cfg.eval.window),
+        ("train.keep_checkpoints", t.keep_checkpoints),
         ("eval.micro_batch", cfg.eval.micro_batch),
     ):
         _check(value > 0, f"config key '{key}' must be > 0, got {value}")
     _check(t.max_steps is None or t.max_steps > 0, f"config key 'train.max_steps' must be > 0, got {t.max_steps}")
+    _check(
+        t.save_every_steps is None or t.save_every_steps > 0,
+        f"config key 'train.save_every_steps' must be > 0, got {t.save_every_steps}",
+    )
     _check(
         cfg.eval.max_windows is None or cfg.eval.max_windows > 0,
         f"config key 'eval.max_windows' must be > 0, got {cfg.eval.max_windows}",

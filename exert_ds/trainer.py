@@ -14,7 +14,7 @@ import os
 import random
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import datasets
@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
 from exert_ds.architecture import geometry
+from exert_ds.checkpoint import TrainPosition, load_checkpoint, resolve_resume, save_checkpoint
 from exert_ds.config import ConfigError, RunConfig
 from exert_ds.data import build_train_dataset, calibration_batch
 from exert_ds.ds_config import load_ds_config
@@ -276,11 +277,20 @@ def finish(session: Session, dense_ppl: float | None) -> Path | None:
     return out
 
 
-def train(cfg: RunConfig) -> Path | None:
-    """The EfficientXpert run: LoRA training with prune events; writes the merged sparse expert."""
+def train(cfg: RunConfig, resume: str | None = None) -> Path | None:
+    """The EfficientXpert run: LoRA training with prune events; writes the merged sparse expert.
+    Checkpoints every `train.save_every_steps`, after every event and at the end; `resume` continues one."""
     session = build_session(cfg, with_training_data=True)
     engine, loader, logger = session.engine, session.loader, session.logger
-    dense_ppl = held_out_perplexity(session)  # LoRA B = 0 at the start: the dense model
+    root = session.out_dir / "checkpoints"
+    position = TrainPosition()
+    found = resolve_resume(root, resume) if resume else None
+    if found:
+        position, ema = load_checkpoint(engine, found, cfg.fingerprint())
+        session.events.state = PruneState(events_done=position.events_done, ema=ema)
+        logger.line(f"resumed from {found} at step {position.step}")
+    else:
+        position = replace(position, dense_perplexity=held_out_perplexity(session))  # B = 0: the dense model
     accumulation = engine.gradient_accumulation_steps()
     steps_per_epoch = len(loader) // accumulation
     total = min(cfg.train.max_steps or steps_per_epoch * cfg.train.epochs, steps_per_epoch * cfg.train.epochs)
@@ -288,17 +298,27 @@ def train(cfg: RunConfig) -> Path | None:
     logger.line(
         f"training {total} steps ({steps_per_epoch} per epoch), prune events before steps {[e.step for e in plan]}"
     )
-    step, tokens, started, losses = 0, 0, time.perf_counter(), []
-    bar = tqdm(total=total, desc="train", disable=dist.get_rank() != 0)
+    plan = plan[position.events_done :]
+
+    def checkpoint(epoch: int, micro: int) -> None:
+        nonlocal position
+        position = replace(position, step=step, epoch=epoch, micro=micro, events_done=session.events.state.events_done)
+        save_checkpoint(engine, session.events.state.ema, position, root, cfg.fingerprint(), cfg.train.keep_checkpoints)
+
+    step, tokens, started, losses = position.step, 0, time.perf_counter(), []
+    bar = tqdm(total=total, initial=step, desc="train", disable=dist.get_rank() != 0)
     engine.train()
-    for epoch in range(cfg.train.epochs):
+    for epoch in range(position.epoch, cfg.train.epochs):
         session.sampler.set_epoch(epoch)
         for micro, batch in enumerate(loader):
             if step >= total:
                 break
+            if epoch == position.epoch and micro < position.micro:
+                continue  # consumed before the checkpoint we resumed from
             if micro % accumulation == 0:
                 while plan and plan[0].step == step:
                     run_event(session, plan.pop(0), step)
+                    checkpoint(epoch, micro)
                     engine.train()
             batch = {k: v.to(engine.device) for k, v in batch.items()}
             loss = engine(**batch).loss
@@ -313,12 +333,15 @@ def train(cfg: RunConfig) -> Path | None:
             if step % cfg.train.log_every == 0 or step == total:
                 _log_step(session, step, losses, tokens, started)
                 losses, tokens, started = [], 0, time.perf_counter()
+            if cfg.train.save_every_steps and step % cfg.train.save_every_steps == 0:
+                checkpoint(epoch, micro + 1)
     bar.close()
     for planned in plan:  # the final event (and any planned at the very end)
         run_event(session, planned, step)
     if not cfg.prune.enabled:  # dense LoRA: merge only (an event at sparsity 0)
         session.events.run(session.calibration, 0.0, pbs=False, ema=False, progress=False)
-    return finish(session, dense_ppl)
+    checkpoint(cfg.train.epochs, 0)
+    return finish(session, position.dense_perplexity)
 
 
 def _log_step(session: Session, step: int, losses: list[float], tokens: int, started: float) -> None:

@@ -62,6 +62,8 @@ BAD = [
     ({"data": {"train": "health.jsonl"}}, "'data.train' must be a list"),
     ({"train": {"reset_after_prune": "all"}}, "'train.reset_after_prune' must be none, zero or keep_v"),
     ({"train": {"max_steps": 0}}, "'train.max_steps' must be > 0"),
+    ({"train": {"save_every_steps": 0}}, "'train.save_every_steps' must be > 0"),
+    ({"train": {"keep_checkpoints": 0}}, "'train.keep_checkpoints' must be > 0"),
     ({"train": {"output_dir": ["a", "b"]}}, "'train.output_dir' must be str"),
     ({"eval": {"window": 0}}, "'eval.window' must be > 0"),
     (
