@@ -8,6 +8,7 @@ import sys
 import yaml
 
 from exert_ds.config import ConfigError, load_config
+from exert_ds.evaluate import add_eval_parser, eval_command
 
 
 def _overrides(pairs: list[str]) -> dict:
@@ -19,6 +20,15 @@ def _overrides(pairs: list[str]) -> dict:
             raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set prune.sparsity=0.4")
         out[key] = yaml.safe_load(value)
     return out
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group together: a rank that exits while gloo/NCCL still serves a peer can abort it."""
+    import torch.distributed
+
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prune = with_config("prune", "one-shot prune event (foresight, wanda, magnitude, sparsegpt) on a dense model")
     prune.add_argument("--adapter", default=None, help="a trained PEFT adapter directory to merge before pruning")
+    add_eval_parser(sub)
     return parser
 
 
@@ -65,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if args.command == "eval":
+            return eval_command(args)
         cfg = load_config(args.config, _overrides(args.set))
         from exert_ds import trainer  # heavy imports (deepspeed) only once the config is known to be good
 
@@ -72,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             trainer.train(cfg, resume=args.resume)
         elif args.command == "prune":
             trainer.prune_once(cfg, adapter=args.adapter)
+        shutdown_distributed()
     except ConfigError as err:  # bad input: one line, same on every rank
         message = " ".join(str(err).split())
         print(f"exert-ds: error: {message}", file=sys.stderr)

@@ -292,6 +292,9 @@ _DS_WORKER = textwrap.dedent(
             assert torch.equal(block, torch.where(valid_mask_of_block(rng), rows, 0)), rng
         with open(os.path.join(out_dir, f"ok{rank}"), "w") as f:
             f.write(str(sum(1 for _ in m.parameters())))
+        # leave together: a rank that exits while gloo still serves a peer aborts ("terminate called ...")
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
     if __name__ == "__main__":
         mp.spawn(worker, args=(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]), nprocs=int(sys.argv[1]))
