@@ -1,0 +1,103 @@
+"""The model an evaluation runs: loaded in one process, replicated on every rank, or partitioned as a DeepSpeed
+ZeRO-3 inference engine (no optimizer) when a stage-3 config is given; plus the collectives the evaluation
+needs (gather of per-example scores, in-place sum of statistics), which are no-ops in one process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import deepspeed
+import deepspeed.comm as dist
+import torch
+from deepspeed.accelerator import get_accelerator
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from exert_ds.cli import shutdown_distributed
+from exert_ds.config import ModelConfig
+from exert_ds.ds_config import load_ds_config
+from exert_ds.loading import load_model, load_tokenizer
+from exert_ds.trainer import init_distributed, launched_world_size
+from exert_ds.zero3 import Zero3Backend
+
+
+@dataclass
+class Runtime:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    kind: str  # "hf", "gguf", "expert"
+    rank: int = 0
+    world: int = 1
+    zero3: bool = False
+    promised_sparsity: float | None = None
+    keep_alive: list[Any] = field(default_factory=list)  # engine, HfDeepSpeedConfig
+
+    @property
+    def distributed(self) -> bool:
+        return dist.is_initialized()
+
+    @property
+    def gather(self) -> Callable[[object], list] | None:
+        if not self.distributed:
+            return None
+
+        def all_gather(obj: object) -> list:
+            out: list = [None] * self.world
+            dist.all_gather_object(out, obj)
+            return out
+
+        return all_gather
+
+    @property
+    def reduce(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        return Zero3Backend().all_reduce if self.distributed else None
+
+    def log(self, text: str) -> None:
+        if self.rank == 0:
+            tqdm.write(text)
+
+    def close(self) -> None:
+        shutdown_distributed()
+
+
+def inference_ds_config(path: str, world: int) -> dict[str, Any]:
+    """The user's ZeRO-3 config (checked as for training) without optimizer and scheduler: inference only."""
+    ds = load_ds_config(path, world)
+    ds.pop("optimizer", None)
+    ds.pop("scheduler", None)
+    return ds
+
+
+def model_kind(path: str) -> str:
+    return "gguf" if path.endswith(".gguf") else "hf"
+
+
+def open_model(cfg: ModelConfig, deepspeed_config: str | None) -> Runtime:
+    """Load the model for evaluation: ZeRO-3 partitioned with `deepspeed_config`, else whole on this device."""
+    world = launched_world_size()
+    ds = inference_ds_config(deepspeed_config, world) if deepspeed_config else None
+    if world > 1 or ds is not None:
+        init_distributed()
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank != 0:
+        import datasets
+
+        datasets.disable_progress_bars()
+    kind = model_kind(cfg.name_or_path)
+    tokenizer = load_tokenizer(cfg)
+    keep: list[Any] = []
+    promised = None
+    model, keep_alive = load_model(cfg, ds)
+    keep.append(keep_alive)
+    if ds is not None:
+        engine, *_ = deepspeed.initialize(model=model, config=ds)
+        keep.append(engine)
+        model = engine.module
+    elif get_accelerator().device_name() != "cpu":
+        model = model.to(get_accelerator().current_device_name())
+    model.eval()
+    world_now = dist.get_world_size() if dist.is_initialized() else 1
+    return Runtime(model, tokenizer, kind, rank, world_now, ds is not None, promised, keep)
