@@ -9,6 +9,8 @@ import yaml
 
 from exert_ds.config import ConfigError, load_config
 from exert_ds.evaluate import add_eval_parser, eval_command
+from exert_ds.export import add_export_parser, export_command
+from exert_ds.inspection import add_inspect_parser, inspect_command
 
 
 def _overrides(pairs: list[str]) -> dict:
@@ -66,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune = with_config("prune", "one-shot prune event (foresight, wanda, magnitude, sparsegpt) on a dense model")
     prune.add_argument("--adapter", default=None, help="a trained PEFT adapter directory to merge before pruning")
     add_eval_parser(sub)
+    add_export_parser(sub)
+    add_inspect_parser(sub)
     return parser
 
 
@@ -78,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "eval":
             return eval_command(args)
+        if args.command == "export":
+            return export_command(args)
+        if args.command == "inspect":
+            return inspect_command(args)
         cfg = load_config(args.config, _overrides(args.set))
         from exert_ds import trainer  # heavy imports (deepspeed) only once the config is known to be good
 

@@ -1,0 +1,258 @@
+"""The sparse expert (zero3.md "The sparse expert"): the final merged, pruned weights, written by every rank in
+parallel, and read back one full tensor at a time.
+
+Layout of an expert directory:
+- `expert-rank0000R-of-0000W.safetensors`: rank R's ZeRO-3 partition (flat, valid elements only) of every base
+  parameter. The pruned projections are stored sparse, `<name>.mask` (packed bitmask of the non-zeros, 1 bit
+  per element) and `<name>.values` (the non-zeros in order); everything else dense, `<name>.dense`.
+- `config.json` and the tokenizer files, as `save_pretrained` writes them.
+- `expert_manifest.json`: world size; per tensor its Hugging Face name, shape, dtype, storage, the flat range
+  each rank holds, its role and the zeros per row the prune schedule promised; sha256 of every other file.
+Written into a hidden temporary directory, fsynced and renamed, like a training checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import deepspeed.comm as dist
+import numpy as np
+import torch
+from safetensors import safe_open
+from torch import Tensor, nn
+
+from exert_ds.architecture import block_linears, decoder_layers, unwrap
+from exert_ds.checkpoint import _fsync, _sha256, pack_sparse
+from exert_ds.config import ConfigError
+from exert_ds.foresight import pruned_per_row
+from exert_ds.safetensors_stream import SafetensorsStream
+from exert_ds.save import base_parameter_name
+from exert_ds.shard import all_shard_ranges
+
+MANIFEST = "expert_manifest.json"
+FORMAT = "exert-ds-expert"
+FORMAT_VERSION = 1
+CHUNK = 1 << 24  # elements unpacked at a time (a multiple of 8: chunks start on a mask byte)
+
+
+def rank_file(rank: int, world: int) -> str:
+    return f"expert-rank{rank:05d}-of-{world:05d}.safetensors"
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _shape(param: nn.Parameter) -> tuple[int, ...]:
+    return tuple(param.ds_shape) if hasattr(param, "ds_shape") else tuple(param.shape)
+
+
+def _local_values(param: nn.Parameter) -> Tensor:
+    """This rank's valid flat partition (ZeRO-3), or the whole parameter in a plain single process."""
+    if hasattr(param, "ds_tensor"):
+        from exert_ds.zero3 import local_values
+
+        return local_values(param)
+    return param.detach().reshape(-1)
+
+
+def pruned_roles(model: nn.Module) -> dict[int, str]:
+    """id(base weight) → role, for the seven projections of every block (LoRA-wrapped or not)."""
+    roles = {}
+    for block in range(len(decoder_layers(model))):
+        for role, module in block_linears(model, block).items():
+            base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+            roles[id(base.weight)] = role
+    return roles
+
+
+def _promise(role: str | None, shape: tuple[int, ...], sparsity: float, n: int, m: int) -> dict:
+    if role is None:
+        return {"storage": "dense"}
+    return {"storage": "sparse", "role": role, "zeros_per_row": pruned_per_row(sparsity, shape[-1], n, m)}
+
+
+@torch.no_grad()
+def write_expert(
+    model: nn.Module, tokenizer, out_dir: str | Path, sparsity: float = 0.0, n: int = 0, m: int = 0
+) -> Path:
+    """Collective under ZeRO-3 (also a plain single process): each rank streams its partition of every base
+    parameter (LoRA excluded: B = 0 after the final event, so the base weights are the merged model) into its own
+    file; rank 0 adds config, tokenizer and the manifest. `sparsity` (or N:M `n`, `m`) is what the schedule
+    promised: every pruned row must hold at least `pruned_per_row(...)` zeros, which readers check."""
+    rank, world = _rank_world()
+    out = Path(out_dir)
+    tmp = out.parent / f".{out.name}.tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    roles = pruned_roles(model)
+    params = [(base_parameter_name(n_), p) for n_, p in model.named_parameters() if "lora_" not in n_]
+    specs, tensors = [], {}
+    for name, param in params:  # pass 1: sizes (non-zero counts), so the header can be written first
+        local = _local_values(param)
+        entry = {"shape": list(_shape(param)), "dtype": str(local.dtype).removeprefix("torch.")}
+        entry |= _promise(roles.get(id(param)), _shape(param), sparsity, n, m)
+        if entry["storage"] == "sparse":
+            specs += [(f"{name}.mask", torch.uint8, (-(-local.numel() // 8),))]
+            specs += [(f"{name}.values", local.dtype, (int(torch.count_nonzero(local)),))]
+        else:
+            specs += [(f"{name}.dense", local.dtype, (local.numel(),))]
+        entry["ranges"] = [[r.start, r.end] for r in all_shard_ranges(_shape(param), world)]
+        tensors[name] = entry
+    stream = SafetensorsStream(tmp / rank_file(rank, world), specs, {"format": "pt", "exert_ds": FORMAT}, digest=True)
+    for name, param in params:  # pass 2: the bytes, one partition at a time
+        local = _local_values(param)
+        if tensors[name]["storage"] == "sparse":
+            packed = pack_sparse(local)
+            stream.write(f"{name}.mask", packed["mask"])
+            stream.write(f"{name}.values", packed["values"])
+        else:
+            stream.write(f"{name}.dense", local)
+    hashes = {rank_file(rank, world): stream.close()}
+    if rank == 0:
+        unwrap(model).config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        hashes |= {p.name: _sha256(p) for p in tmp.iterdir() if p.is_file() and p.name not in hashes}
+    gathered: list[dict] = [hashes] * world
+    if dist.is_initialized():
+        dist.all_gather_object(gathered, hashes)
+    if rank == 0:
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "world_size": world,
+            "promise": {"sparsity": sparsity, "n": n, "m": m},
+            "tensors": tensors,
+            "files": {k: v for part in gathered for k, v in sorted(part.items())},
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        for path in tmp.iterdir():
+            _fsync(path)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+        _fsync(out.parent)
+    _barrier()
+    return out
+
+
+def is_expert_dir(path: str | Path) -> bool:
+    manifest = Path(path) / MANIFEST
+    if not manifest.is_file():
+        return False
+    try:
+        return json.loads(manifest.read_text()).get("format") == FORMAT
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return False
+
+
+def read_manifest(path: str | Path) -> dict:
+    file = Path(path) / MANIFEST
+    if not is_expert_dir(path):
+        raise ConfigError(
+            f"{file} is missing or not an exert-ds expert manifest; give the expert directory a run wrote"
+        )
+    manifest = json.loads(file.read_text())
+    if manifest["format_version"] != FORMAT_VERSION:
+        raise ConfigError(f"{file}: expert format {manifest['format_version']}, this exert-ds reads {FORMAT_VERSION}")
+    return manifest
+
+
+def damaged_files(path: str | Path, manifest: dict) -> dict[str, str]:
+    """file name → what is wrong ('missing' or 'sha256 differs'), for every file the manifest lists."""
+    path = Path(path)
+    bad = {}
+    for name, digest in manifest["files"].items():
+        file = path / name
+        if not file.is_file():
+            bad[name] = "missing"
+        elif _sha256(file) != digest:
+            bad[name] = "sha256 differs (truncated or altered)"
+    return bad
+
+
+def verify_files(path: str | Path, manifest: dict) -> None:
+    """One-line ConfigError naming the first missing, truncated or altered file."""
+    bad = damaged_files(path, manifest)
+    if bad:
+        name, why = next(iter(bad.items()))
+        raise ConfigError(f"{Path(path) / name} is {why} against {MANIFEST}; the expert is damaged, write it again")
+
+
+def _unpack_into(out: Tensor, mask, values) -> None:
+    """Scatter the stored non-zeros into `out` (zeros elsewhere), CHUNK elements at a time."""
+    out.zero_()
+    taken = 0
+    for start in range(0, out.numel(), CHUNK):
+        count = min(CHUNK, out.numel() - start)
+        bits = mask[start // 8 : (start + count + 7) // 8].numpy()
+        keep = torch.from_numpy(np.unpackbits(bits, count=count).astype(bool))
+        kept = int(keep.sum())
+        out[start : start + count][keep] = values[taken : taken + kept]
+        taken += kept
+
+
+def check_promise(path: Path, name: str, weight: Tensor, entry: dict, pattern: tuple[int, int]) -> None:
+    """ConfigError naming the tensor and the first row with fewer zeros than promised (per N:M group for N:M)."""
+    need = entry["zeros_per_row"]
+    if not need:
+        return
+    n, m = pattern
+    rows_per_chunk = max(1, CHUNK // weight.shape[-1])
+    for first in range(0, weight.shape[0], rows_per_chunk):
+        block = weight[first : first + rows_per_chunk]
+        if m:
+            zeros = (block.reshape(block.shape[0], -1, m) == 0).sum(-1)
+            short = (zeros < n).any(-1)
+            what = f"fewer than {n} zeros in a group of {m}"
+        else:
+            zeros = (block == 0).sum(-1)
+            short = zeros < need
+            what = "{} zeros, fewer than the {} promised"
+        if short.any():
+            row = int(short.nonzero()[0])
+            if not m:
+                what = what.format(int(zeros[row]), need)
+            raise ConfigError(
+                f"{path}: {name} row {first + row} has {what} (the prune schedule's sparsity); "
+                "this expert is not the pruned model"
+            )
+
+
+def expert_tensors(path: str | Path, verify: bool = True) -> Iterator[tuple[str, Tensor]]:
+    """(Hugging Face parameter name, full tensor), one at a time, assembled from the rank files; peak host memory
+    about one tensor plus a chunk. With `verify`, every file's sha256 is checked before anything is read, and
+    every pruned matrix's zeros per row against the promise."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    if verify:
+        verify_files(path, manifest)
+    world = manifest["world_size"]
+    pattern = (manifest["promise"]["n"], manifest["promise"]["m"])
+    for name, entry in manifest["tensors"].items():
+        shape = tuple(entry["shape"])
+        flat = torch.empty(int(np.prod(shape, dtype=np.int64)), dtype=getattr(torch, entry["dtype"]))
+        for rank, (start, end) in enumerate(entry["ranges"]):
+            if start == end:
+                continue
+            with safe_open(path / rank_file(rank, world), framework="pt") as fh:
+                if entry["storage"] == "dense":
+                    flat[start:end] = fh.get_tensor(f"{name}.dense")
+                else:
+                    _unpack_into(flat[start:end], fh.get_slice(f"{name}.mask"), fh.get_slice(f"{name}.values"))
+        weight = flat.view(shape)
+        if verify and entry["storage"] == "sparse":
+            check_promise(path, name, weight, entry, pattern)
+        yield name, weight
