@@ -33,10 +33,11 @@ from exert_ds.config import ConfigError, RunConfig
 from exert_ds.data import build_train_dataset, calibration_batch
 from exert_ds.ds_config import load_ds_config
 from exert_ds.event import EventReport, PruneEvent, PruneSettings, PruneState, measured_sparsity
+from exert_ds.expert import write_expert
+from exert_ds.export import export_expert
 from exert_ds.loading import load_model, load_tokenizer
 from exert_ds.lora import attach_lora
 from exert_ds.perplexity import perplexity, text_windows
-from exert_ds.save import save_merged_hf
 from exert_ds.schedule import PlannedEvent, plan_events
 from exert_ds.zero3 import Zero3Backend
 
@@ -174,18 +175,7 @@ def build_session(cfg: RunConfig, with_training_data: bool, adapter: str | None 
     if cfg.eval.perplexity:
         with user_errors("eval.perplexity"):
             windows = text_windows(cfg.eval.perplexity, tokenizer, cfg.eval.window, cfg.eval.max_windows)
-    model, keep_alive = load_model(cfg.model, ds_config)
-    if cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    with user_errors("model"):
-        check_pattern_fits(model, cfg.prune.n, cfg.prune.m)
-        model = attach_lora(model, dict(cfg.lora))
-    model._exert_hf_ds_config = keep_alive  # HfDeepSpeedConfig must outlive the model
-    if adapter:
-        load_adapter_weights(model, adapter)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
+    engine = build_engine(cfg, ds_config, adapter)
     loader = sampler = None
     if dataset is not None:
         sampler = DistributedSampler(
@@ -203,6 +193,34 @@ def build_session(cfg: RunConfig, with_training_data: bool, adapter: str | None 
     logger = Logger(out_dir, rank)
     share = ids[rank :: dist.get_world_size()]
     return Session(cfg, engine, tokenizer, loader, sampler, events, share, windows, logger, out_dir)
+
+
+def build_engine(cfg: RunConfig, ds_config: dict, adapter: str | None = None) -> deepspeed.DeepSpeedEngine:
+    """The model loaded onto ZeRO-3, PEFT LoRA attached, in a DeepSpeed engine (the process group is up).
+    Separate from build_session so that eval/bench_scale.py drives the same engine with its own batches."""
+    model, keep_alive = load_model(cfg.model, ds_config)
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    with user_errors("model"):
+        check_pattern_fits(model, cfg.prune.n, cfg.prune.m)
+        model = attach_lora(model, dict(cfg.lora))
+    model._exert_hf_ds_config = keep_alive  # HfDeepSpeedConfig must outlive the model
+    if adapter:
+        load_adapter_weights(model, adapter)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
+    return engine
+
+
+def train_micro_step(engine: deepspeed.DeepSpeedEngine, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Forward, backward and (at the accumulation boundary) the optimizer step of one micro-batch already on
+    the engine's device. Returns the loss detached, left on the device: reading it every micro-step would
+    make the host wait for the accelerator (_log_step reads a whole log interval at once)."""
+    loss = engine(**batch).loss
+    engine.backward(loss)
+    engine.step()
+    return loss.detach()
 
 
 @torch.no_grad()
@@ -255,15 +273,29 @@ def held_out_perplexity(session: Session) -> float | None:
     return result["perplexity"]
 
 
-def finish(session: Session, dense_ppl: float | None) -> Path | None:
-    """Measure, report and save the sparse expert (after the final event: B = 0, weights merged and masked)."""
+def finish(session: Session, dense_ppl: float | None, pruned: bool) -> Path | None:
+    """Measure, report and save the sparse expert (after the final event: B = 0, weights merged and masked):
+    every rank writes its partition to output_dir/expert in parallel, then rank 0 streams that into the Hugging
+    Face directory output_dir/final, checking the sparsity the schedule promised (none when not `pruned`)."""
     sparsity = measured_sparsity(session.engine.module, Zero3Backend())
     summary = {
         "measured_sparsity": sparsity,
         "dense_perplexity": dense_ppl,
         "sparse_perplexity": held_out_perplexity(session),
     }
-    out = save_merged_hf(session.engine.module, session.tokenizer, session.out_dir / "final")
+    prune = session.cfg.prune
+    promise = (prune.sparsity, prune.n, prune.m) if pruned else (0.0, 0, 0)
+    expert = write_expert(session.engine.module, session.tokenizer, session.out_dir / "expert", *promise)
+    out, failure = None, None
+    if dist.get_rank() == 0:
+        try:
+            out = export_expert(expert, session.out_dir / "final", overwrite=True)
+        except ConfigError as err:
+            failure = str(err)
+    failures: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(failures, failure)  # the same error on every rank, no rank left waiting
+    if failures[0]:
+        raise ConfigError(failures[0])
     if dist.get_rank() == 0:
         (session.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         roles = ", ".join(f"{role} {value:.4f}" for role, value in sparsity.items())
@@ -272,7 +304,7 @@ def finish(session: Session, dense_ppl: float | None) -> Path | None:
             session.logger.line(
                 f"held-out perplexity: dense {dense_ppl:.3f} -> sparse {summary['sparse_perplexity']:.3f}"
             )
-        session.logger.line(f"wrote {out} and {session.out_dir / 'summary.json'}")
+        session.logger.line(f"wrote {expert}, {out} and {session.out_dir / 'summary.json'}")
     session.logger.close()
     return out
 
@@ -320,12 +352,8 @@ def train(cfg: RunConfig, resume: str | None = None) -> Path | None:
                     run_event(session, plan.pop(0), step)
                     checkpoint(epoch, micro)
                     engine.train()
-            batch = {k: v.to(engine.device) for k, v in batch.items()}
-            loss = engine(**batch).loss
-            engine.backward(loss)
-            engine.step()
-            losses.append(loss.item())
-            tokens += int(batch["attention_mask"].sum())
+            tokens += int(batch["attention_mask"].sum())  # counted on the host copy: no device sync
+            losses.append(train_micro_step(engine, {k: v.to(engine.device) for k, v in batch.items()}))
             if (micro + 1) % accumulation:
                 continue
             step += 1
@@ -341,11 +369,12 @@ def train(cfg: RunConfig, resume: str | None = None) -> Path | None:
     if not cfg.prune.enabled:  # dense LoRA: merge only (an event at sparsity 0)
         session.events.run(session.calibration, 0.0, pbs=False, ema=False, progress=False)
     checkpoint(cfg.train.epochs, 0)
-    return finish(session, position.dense_perplexity)
+    return finish(session, position.dense_perplexity, pruned=cfg.prune.enabled)
 
 
-def _log_step(session: Session, step: int, losses: list[float], tokens: int, started: float) -> None:
-    stats = torch.tensor([sum(losses), len(losses), tokens], dtype=torch.float64)
+def _log_step(session: Session, step: int, losses: list[torch.Tensor], tokens: int, started: float) -> None:
+    total = float(torch.stack(losses).double().sum())  # the one host sync per log interval
+    stats = torch.tensor([total, len(losses), tokens], dtype=torch.float64)
     Zero3Backend().all_reduce(stats)
     loss = float(stats[0] / stats[1])
     seconds = time.perf_counter() - started
@@ -371,4 +400,4 @@ def prune_once(cfg: RunConfig, adapter: str | None = None) -> Path | None:
     planned = PlannedEvent(step=0, sparsity=cfg.prune.sparsity, pbs=cfg.pbs.mode != "off", ema=False, final=True)
     dense_ppl = held_out_perplexity(session)
     run_event(session, planned, 0)
-    return finish(session, dense_ppl)
+    return finish(session, dense_ppl, pruned=True)

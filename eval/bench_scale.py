@@ -1,0 +1,317 @@
+"""Issue 8: the trainer's cost over plain ZeRO-3 LoRA, the prune event against a calibration forward, MFU.
+
+One process group, one engine (the trainer's own: ZeRO-3, PEFT LoRA on all seven projections, random
+weights from a config.json), measured in this order, each written to --out as soon as it is known:
+
+1. `plain`: LoRA steps with no events: --warmup untimed, then --steps timed; median s/step, tokens/s/GPU,
+   MFU, peak memory per rank (accelerator and host).
+2. `forward`: one forward pass of the model (no grad, eval mode) over this rank's share of the calibration
+   tokens, in --calib-micro-batch sequences at a time, as a prune event reads them.
+3. `schedule`: --steps steps with prune events before steps K, 2K, ... (K = --event-every; PBS at every
+   event, EMA from the second on, as in schedule.plan_events); wall-clock amortised per step with the events
+   included, each event's seconds (and per block), peak memory per rank. The event / forward ratio uses
+   these events (same calibration tokens as `forward`).
+4. `plain` again for each --variant (e.g. `nockpt:8`: no gradient checkpointing, micro-batch 8).
+5. `profile` (with --profile): torch.profiler tables of one training step and one prune event.
+6. `hessian_matmul` (CUDA only): XᵀX of one calibration micro-batch as the event forms it (float32 inputs)
+   against bf16 inputs with a float32 result (torch.mm out_dtype), time and difference; not used by the event.
+
+FLOPs convention (MFU): N = elements of the frozen base model's linear weights (all projections and the LM
+head, no embedding, no LoRA). A frozen-base LoRA step costs 4N per token (forward 2N, input gradients 2N;
+no weight gradients for the base); gradient checkpointing recomputes the forward, +2N. `mfu` counts 4N
+(useful work), `hfu` counts what the hardware ran (4N, or 6N with recompute). Attention-score FLOPs and
+LoRA FLOPs are not counted. Peak: the dense bf16 peak of the GPU (989 TFLOP/s for H100/H200 SXM) or
+--peak-tflops.
+
+Run: deepspeed --num_gpus N eval/bench_scale.py --config-dir eval/configs/llama2_7b_shape --out r.json
+CPU check: DS_ACCELERATOR=cpu deepspeed --num_gpus 2 eval/bench_scale.py --config-dir DIR
+  --ds-config ds_configs/zero3_cpu.json --dtype float32 --seq 32 --micro-batch 2 --calib-samples 4
+  --calib-seq 32 --out /tmp/r.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from functools import partial
+from pathlib import Path
+
+import torch
+from bench_common import (
+    BlockTimer,
+    Results,
+    add_common_args,
+    calibration_share,
+    ds_config,
+    environment,
+    matmul_params,
+    memory_record,
+    model_dir_with_layers,
+    peak_tflops,
+    profile_tables,
+    random_batches,
+    reset_peaks,
+    run_config,
+    set_gradient_checkpointing,
+    sync,
+    timed,
+)
+
+from exert_ds.cli import shutdown_distributed
+from exert_ds.event import PruneEvent, PruneState
+from exert_ds.schedule import plan_events
+from exert_ds.trainer import (
+    build_engine,
+    init_distributed,
+    launched_world_size,
+    prune_settings,
+    seed_everything,
+    train_micro_step,
+)
+from exert_ds.zero3 import Zero3Backend
+
+
+def build_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config-dir", required=True, help="folder with the model's config.json (random weights)")
+    parser.add_argument("--layers", type=int, default=None, help="truncate the model to this many blocks")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per phase")
+    parser.add_argument("--event-every", type=int, default=2, help="K: an event before steps K, 2K, ...")
+    parser.add_argument("--final-event", action="store_true", help="also run the schedule's final event")
+    parser.add_argument("--calib-samples", type=int, default=128)
+    parser.add_argument("--calib-seq", type=int, default=2048)
+    parser.add_argument("--variant", action="append", default=[], help="extra plain run: ckpt:MB or nockpt:MB")
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--peak-tflops", type=float, default=None)
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    add_common_args(parser)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    args = build_parser(__doc__.split("\n\n")[0]).parse_args(argv)
+    for spec in args.variant:
+        parse_variant(spec)
+    return args
+
+
+def parse_variant(spec: str) -> tuple[bool, int]:
+    mode, _, mb = spec.partition(":")
+    if mode not in ("ckpt", "nockpt") or not mb.isdigit() or int(mb) <= 0:
+        raise SystemExit(f"--variant {spec!r}: write ckpt:MB or nockpt:MB (MB a positive micro-batch)")
+    return mode == "ckpt", int(mb)
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        world = launched_world_size()
+        self.cfg = run_config(
+            args, model_dir_with_layers(args.config_dir, args.layers), args.calib_samples, args.calib_seq
+        )
+        ds = ds_config(args, world)
+        if args.calib_samples % world:
+            raise SystemExit(f"--calib-samples {args.calib_samples} must be a multiple of the world size {world}")
+        init_distributed()
+        seed_everything(args.seed)
+        self.engine = build_engine(self.cfg, ds)
+        hf_config = self.engine.module.config
+        self.vocab = hf_config.vocab_size
+        self.n_params = matmul_params(self.engine.module)
+        self.peak, self.peak_note = peak_tflops(args.peak_tflops)
+        meta = environment(args)
+        meta.update(
+            model_config=hf_config.to_dict(),
+            ds_config=ds,
+            flops_convention={
+                "N_matmul_params": self.n_params,
+                "mfu": "4N FLOPs per token (frozen-base LoRA step, no recompute counted)",
+                "hfu": "4N + 2N per token with gradient checkpointing (the recomputed forward)",
+                "not_counted": "attention scores (QK^T, AV), LoRA matmuls, optimizer",
+                "peak": self.peak_note,
+                "peak_tflops": self.peak,
+            },
+        )
+        self.results = Results(args.out, meta)
+        self.calibration = calibration_share(self.vocab, args.calib_samples, args.calib_seq, args.seed)
+        self.events = PruneEvent(
+            self.engine.module, Zero3Backend(), prune_settings(self.cfg, args.sparsity), PruneState()
+        )
+
+    def step_seconds(self, batches: list[dict[str, torch.Tensor]], count: int) -> list[float]:
+        self.engine.train()
+        seconds = []
+        for i in range(count):
+            seconds.append(timed(partial(train_micro_step, self.engine, batches[i % len(batches)]))[0])
+        return seconds
+
+    def plain(self, ckpt: bool, micro_batch: int, name: str) -> float:
+        args = self.args
+        set_gradient_checkpointing(self.engine, ckpt)
+        batches = random_batches(self.vocab, micro_batch, args.seq, 2, args.seed)
+        self.step_seconds(batches, args.warmup)
+        reset_peaks()
+        times = self.step_seconds(batches, args.steps)
+        median = statistics.median(times)
+        tokens = micro_batch * args.seq / median  # per GPU
+        record = {
+            "phase": "plain",
+            "variant": name,
+            "gradient_checkpointing": ckpt,
+            "micro_batch": micro_batch,
+            "seq": args.seq,
+            "step_seconds": times,
+            "median_step_s": median,
+            "tokens_per_s_per_gpu": tokens,
+            "tokens_per_s_total": tokens * self.engine.world_size,
+            **self.utilisation(tokens, ckpt),
+            **memory_record(),
+        }
+        self.results.add(record)
+        return median
+
+    def utilisation(self, tokens_per_s: float, ckpt: bool) -> dict[str, float | None]:
+        if not self.peak:
+            return {"mfu": None, "hfu": None}
+        model = 4 * self.n_params * tokens_per_s / (self.peak * 1e12)
+        hardware = (6 if ckpt else 4) * self.n_params * tokens_per_s / (self.peak * 1e12)
+        return {"mfu": model, "hfu": hardware}
+
+    def forward(self) -> None:
+        model, mb = self.engine.module, self.args.calib_micro_batch
+        ids = self.calibration.to(self.engine.device)
+
+        @torch.no_grad()
+        def run(rows: torch.Tensor) -> None:
+            for start in range(0, rows.shape[0], mb):
+                model(input_ids=rows[start : start + mb], use_cache=False)
+
+        model.eval()
+        run(ids[:mb])  # warm-up: one micro-batch
+        reset_peaks()
+        seconds, _ = timed(lambda: run(ids))
+        model.train()
+        self.results.add(
+            {
+                "phase": "forward",
+                "calibration_tokens_total": self.args.calib_samples * self.args.calib_seq,
+                "calibration_tokens_per_rank": int(ids.numel()),
+                "seconds": seconds,
+                **memory_record(),
+            }
+        )
+
+    def event(self, sparsity: float, pbs: bool, ema: bool) -> dict:
+        with BlockTimer(self.engine.module) as blocks:
+            seconds, report = timed(
+                lambda: self.events.run(self.calibration, sparsity, pbs=pbs, ema=ema, progress=False)
+            )
+        scalars = report.scalars()
+        return {
+            "event": report.event,
+            "pbs": pbs,
+            "ema": ema,
+            "seconds": seconds,
+            "block_seconds": blocks.seconds(),
+            "sparsity": {k.split("/")[1]: v for k, v in scalars.items() if k.startswith("sparsity/")},
+            "pbs_error_reduction": {k.split("/")[1]: v for k, v in scalars.items() if k.startswith("pbs_error")},
+        }
+
+    def schedule(self, ckpt: bool) -> None:
+        args = self.args
+        set_gradient_checkpointing(self.engine, ckpt)
+        plan = [e for e in plan_events(self.cfg.prune, args.steps, args.steps) if args.final_event or not e.final]
+        batches = random_batches(self.vocab, args.micro_batch, args.seq, 2, args.seed + 1)
+        reset_peaks()
+        step_times, events = [], []
+        for step in range(args.steps):
+            while plan and plan[0].step == step:
+                planned = plan.pop(0)
+                events.append(self.event(planned.sparsity, planned.pbs, planned.ema))
+            step_times += self.step_seconds([batches[step % 2]], 1)
+        for planned in plan:  # the final event, when asked for
+            events.append(self.event(planned.sparsity, planned.pbs, planned.ema))
+        total = sum(step_times) + sum(e["seconds"] for e in events)
+        self.results.add(
+            {
+                "phase": "schedule",
+                "event_every": args.event_every,
+                "steps": args.steps,
+                "step_seconds": step_times,
+                "median_step_s": statistics.median(step_times),
+                "events": events,
+                "event_seconds": [e["seconds"] for e in events],
+                "wall_s": total,
+                "amortised_step_s": total / args.steps,
+                **memory_record(),
+            }
+        )
+
+    def profile(self) -> None:
+        args = self.args
+        set_gradient_checkpointing(self.engine, args.grad_ckpt)
+        batch = random_batches(self.vocab, args.micro_batch, args.seq, 1, args.seed + 2)[0]
+        self.engine.train()
+        step_tables = profile_tables(lambda: train_micro_step(self.engine, batch))
+        self.results.add({"phase": "profile", "what": "one training step", "tables": step_tables})
+        event_tables = profile_tables(
+            lambda: self.events.run(self.calibration, args.sparsity, pbs=args.pbs != "off", ema=True, progress=False)
+        )
+        self.results.add({"phase": "profile", "what": "one prune event (PBS, EMA)", "tables": event_tables})
+
+    def hessian_matmul(self) -> None:
+        """XᵀX for one calibration micro-batch at the model's widths: float32 (as the event does) vs bf16 inputs
+        with a float32 result. Measured here because the bf16 path exists on CUDA only."""
+        if not torch.cuda.is_available():
+            return
+        config = self.engine.module.config
+        rows = self.args.calib_micro_batch * self.args.calib_seq
+        out = []
+        for width in (config.hidden_size, config.intermediate_size):
+            x = torch.randn(rows, width, device="cuda").to(torch.bfloat16)
+            reference = x.float().T @ x.float()
+
+            def fp32(x=x) -> torch.Tensor:
+                return x.float().T @ x.float()
+
+            def bf16(x=x) -> torch.Tensor:
+                return torch.mm(x.T, x, out_dtype=torch.float32)
+
+            row = {"rows": rows, "width": width}
+            for name, fn in (("fp32", fp32), ("bf16_in_fp32_out", bf16)):
+                try:
+                    fn()
+                    seconds = min(timed(fn)[0] for _ in range(3))
+                    diff = float((fn() - reference).abs().max() / reference.abs().max())
+                    row[name] = {"seconds": seconds, "max_rel_diff": diff}
+                except (RuntimeError, TypeError) as err:
+                    row[name] = {"error": str(err).splitlines()[0]}
+            out.append(row)
+            del x, reference
+        self.results.add({"phase": "hessian_matmul", "shapes": out})
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    bench = Bench(args)
+    bench.plain(args.grad_ckpt, args.micro_batch, "primary")
+    bench.forward()
+    bench.schedule(args.grad_ckpt)
+    for spec in args.variant:
+        ckpt, mb = parse_variant(spec)
+        bench.plain(ckpt, mb, spec)
+    bench.hessian_matmul()
+    if args.profile:
+        bench.profile()
+    sync()
+    shutdown_distributed()
+    if bench.engine.global_rank == 0:
+        print(
+            f"[bench] wrote {Path(args.out).resolve()}: {json.dumps([m['phase'] for m in bench.results.doc['measurements']])}"
+        )
+
+
+if __name__ == "__main__":
+    main()
