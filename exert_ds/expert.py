@@ -3,8 +3,8 @@ parallel, and read back one full tensor at a time.
 
 Layout of an expert directory:
 - `expert-rank0000R-of-0000W.safetensors`: rank R's ZeRO-3 partition (flat, valid elements only) of every base
-  parameter. The pruned projections are stored sparse, `<name>.mask` (packed bitmask of the non-zeros, 1 bit
-  per element) and `<name>.values` (the non-zeros in order); everything else dense, `<name>.dense`.
+  parameter. The pruned projections are stored sparse (sparse_codec.py: `<name>.mask`, a packed bitmask of the
+  non-zeros, and their values with the top byte 4-bit coded); everything else dense, `<name>.dense`.
 - `config.json` and the tokenizer files, as `save_pretrained` writes them.
 - `expert_manifest.json`: world size; per tensor its Hugging Face name, shape, dtype, storage, the flat range
   each rank holds, its role and the zeros per row the prune schedule promised; sha256 of every other file.
@@ -25,22 +25,27 @@ import torch
 from safetensors import safe_open
 from torch import Tensor, nn
 
+from exert_ds import sparse_codec
 from exert_ds.architecture import block_linears, decoder_layers, unwrap
-from exert_ds.checkpoint import _fsync, _sha256, pack_sparse
+from exert_ds.checkpoint import _fsync, _sha256
 from exert_ds.config import ConfigError
 from exert_ds.foresight import pruned_per_row
 from exert_ds.safetensors_stream import SafetensorsStream
-from exert_ds.save import base_parameter_name
 from exert_ds.shard import all_shard_ranges
 
 MANIFEST = "expert_manifest.json"
 FORMAT = "exert-ds-expert"
 FORMAT_VERSION = 1
-CHUNK = 1 << 24  # elements unpacked at a time (a multiple of 8: chunks start on a mask byte)
+CHUNK = 1 << 24  # elements per row block when checking the promise
 
 
 def rank_file(rank: int, world: int) -> str:
     return f"expert-rank{rank:05d}-of-{world:05d}.safetensors"
+
+
+def base_parameter_name(peft_name: str) -> str:
+    """`base_model.model.model.layers.0.mlp.up_proj.base_layer.weight` → `model.layers.0.mlp.up_proj.weight`."""
+    return peft_name.removeprefix("base_model.model.").replace(".base_layer.", ".")
 
 
 def _rank_world() -> tuple[int, int]:
@@ -100,14 +105,14 @@ def write_expert(
     _barrier()
     roles = pruned_roles(model)
     params = [(base_parameter_name(n_), p) for n_, p in model.named_parameters() if "lora_" not in n_]
-    specs, tensors = [], {}
+    specs, tensors, layouts = [], {}, {}
     for name, param in params:  # pass 1: sizes (non-zero counts), so the header can be written first
         local = _local_values(param)
         entry = {"shape": list(_shape(param)), "dtype": str(local.dtype).removeprefix("torch.")}
         entry |= _promise(roles.get(id(param)), _shape(param), sparsity, n, m)
         if entry["storage"] == "sparse":
-            specs += [(f"{name}.mask", torch.uint8, (-(-local.numel() // 8),))]
-            specs += [(f"{name}.values", local.dtype, (int(torch.count_nonzero(local)),))]
+            layouts[name] = sparse_codec.plan(local)
+            specs += [(f"{name}.{key}", dtype, shape) for key, dtype, shape in sparse_codec.specs(layouts[name])]
         else:
             specs += [(f"{name}.dense", local.dtype, (local.numel(),))]
         entry["ranges"] = [[r.start, r.end] for r in all_shard_ranges(_shape(param), world)]
@@ -115,10 +120,9 @@ def write_expert(
     stream = SafetensorsStream(tmp / rank_file(rank, world), specs, {"format": "pt", "exert_ds": FORMAT}, digest=True)
     for name, param in params:  # pass 2: the bytes, one partition at a time
         local = _local_values(param)
-        if tensors[name]["storage"] == "sparse":
-            packed = pack_sparse(local)
-            stream.write(f"{name}.mask", packed["mask"])
-            stream.write(f"{name}.values", packed["values"])
+        if name in layouts:
+            for key, piece in sparse_codec.encode(local, layouts[name]).items():
+                stream.write(f"{name}.{key}", piece)
         else:
             stream.write(f"{name}.dense", local)
     hashes = {rank_file(rank, world): stream.close()}
@@ -191,19 +195,6 @@ def verify_files(path: str | Path, manifest: dict) -> None:
         raise ConfigError(f"{Path(path) / name} is {why} against {MANIFEST}; the expert is damaged, write it again")
 
 
-def _unpack_into(out: Tensor, mask, values) -> None:
-    """Scatter the stored non-zeros into `out` (zeros elsewhere), CHUNK elements at a time."""
-    out.zero_()
-    taken = 0
-    for start in range(0, out.numel(), CHUNK):
-        count = min(CHUNK, out.numel() - start)
-        bits = mask[start // 8 : (start + count + 7) // 8].numpy()
-        keep = torch.from_numpy(np.unpackbits(bits, count=count).astype(bool))
-        kept = int(keep.sum())
-        out[start : start + count][keep] = values[taken : taken + kept]
-        taken += kept
-
-
 def check_promise(path: Path, name: str, weight: Tensor, entry: dict, pattern: tuple[int, int]) -> None:
     """ConfigError naming the tensor and the first row with fewer zeros than promised (per N:M group for N:M)."""
     need = entry["zeros_per_row"]
@@ -239,6 +230,11 @@ def expert_tensors(path: str | Path, verify: bool = True) -> Iterator[tuple[str,
     manifest = read_manifest(path)
     if verify:
         verify_files(path, manifest)
+    yield from assemble(path, manifest, check=verify)
+
+
+def assemble(path: Path, manifest: dict, check: bool = True) -> Iterator[tuple[str, Tensor]]:
+    """expert_tensors without the sha256 pass (for a caller that ran verify_files itself); `check`: the promise."""
     world = manifest["world_size"]
     pattern = (manifest["promise"]["n"], manifest["promise"]["m"])
     for name, entry in manifest["tensors"].items():
@@ -251,8 +247,10 @@ def expert_tensors(path: str | Path, verify: bool = True) -> Iterator[tuple[str,
                 if entry["storage"] == "dense":
                     flat[start:end] = fh.get_tensor(f"{name}.dense")
                 else:
-                    _unpack_into(flat[start:end], fh.get_slice(f"{name}.mask"), fh.get_slice(f"{name}.values"))
+                    sparse_codec.decode_into(
+                        flat[start:end], lambda key, fh=fh, name=name: fh.get_slice(f"{name}.{key}")
+                    )
         weight = flat.view(shape)
-        if verify and entry["storage"] == "sparse":
+        if check and entry["storage"] == "sparse":
             check_promise(path, name, weight, entry, pattern)
         yield name, weight

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from exert_ds.checkpoint import MANIFEST as CHECKPOINT_MANIFEST
 from exert_ds.checkpoint import _fsync
 from exert_ds.config import ConfigError
-from exert_ds.expert import MANIFEST, expert_tensors, is_expert_dir, rank_file, read_manifest
+from exert_ds.expert import MANIFEST, assemble, is_expert_dir, rank_file, read_manifest, verify_files
 from exert_ds.safetensors_stream import SafetensorsStream, nbytes
 
 INDEX = "model.safetensors.index.json"
@@ -81,7 +81,8 @@ def export_expert(src: str | Path, out: str | Path, max_shard_size: str | int = 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        tensors = expert_tensors(expert, verify=True)  # sha256 of every file is checked on the first next()
+        verify_files(expert, manifest)  # sha256 of every file before anything is read
+        tensors = assemble(expert, manifest, check=True)  # and every pruned row's zeros on the way
         bar = tqdm(total=len(specs), desc="export", unit="tensor")
         for filename, names in split.filename_to_tensors.items():
             shard = SafetensorsStream(
