@@ -19,6 +19,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from exert_ds.cli import shutdown_distributed
 from exert_ds.config import ModelConfig
 from exert_ds.ds_config import load_ds_config
+from exert_ds.expert import is_expert_dir
+from exert_ds.expert_model import load_expert_model
 from exert_ds.loading import load_model, load_tokenizer
 from exert_ds.trainer import init_distributed, launched_world_size
 from exert_ds.zero3 import Zero3Backend
@@ -28,7 +30,7 @@ from exert_ds.zero3 import Zero3Backend
 class Runtime:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
-    kind: str  # "hf", "gguf", "expert"
+    kind: str  # "hf", "gguf", "expert" (a sharded sparse expert directory, exert_ds.expert)
     rank: int = 0
     world: int = 1
     zero3: bool = False
@@ -72,7 +74,9 @@ def inference_ds_config(path: str, world: int) -> dict[str, Any]:
 
 
 def model_kind(path: str) -> str:
-    return "gguf" if path.endswith(".gguf") else "hf"
+    if path.endswith(".gguf"):
+        return "gguf"
+    return "expert" if is_expert_dir(path) else "hf"
 
 
 def open_model(cfg: ModelConfig, deepspeed_config: str | None) -> Runtime:
@@ -90,7 +94,10 @@ def open_model(cfg: ModelConfig, deepspeed_config: str | None) -> Runtime:
     tokenizer = load_tokenizer(cfg)
     keep: list[Any] = []
     promised = None
-    model, keep_alive = load_model(cfg, ds)
+    if kind == "expert":
+        model, keep_alive, promised = load_expert_model(cfg, ds)
+    else:
+        model, keep_alive = load_model(cfg, ds)
     keep.append(keep_alive)
     if ds is not None:
         engine, *_ = deepspeed.initialize(model=model, config=ds)

@@ -105,3 +105,20 @@ def write_task_data(root: Path) -> Path:
     write_licences(root / "licenses")
     write_jsonl(root / "general.jsonl", [{"text": _text(random.Random(i), 20, 40)} for i in range(12)])
     return root
+
+
+def prune_rows_by_magnitude(model, sparsity: float = 0.5):
+    """Zero the floor(sparsity·in) smallest-magnitude entries of every row of every projection, in place."""
+    import math
+
+    import torch
+
+    from exert_ds.architecture import block_linears, decoder_layers
+
+    with torch.no_grad():
+        for block in range(len(decoder_layers(model))):
+            for linear in block_linears(model, block).values():
+                w = linear.weight
+                drop = w.abs().argsort(dim=1)[:, : math.floor(sparsity * w.shape[1])]
+                w.scatter_(1, drop, 0.0)
+    return model

@@ -15,11 +15,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from exert_ds.cli import main
 from exert_ds.evaluate import EvalSettings, task_result
+from exert_ds.expert import write_expert
 from exert_ds.metrics import bootstrap_ci, classification_report, macro_f1
 from exert_ds.scoring import build_sequences, label_loglikelihoods
 from exert_ds.sparsity import check_promise, sparsity_report
 from exert_ds.tasks import TASKS, licensedcode_records, load_task
-from tests.eval_data import save_eval_model_dir, write_task_data
+from tests.eval_data import prune_rows_by_magnitude, save_eval_model_dir, write_task_data
 from tests.launch import deepspeed_cpu
 
 ALL_TASKS = "pubmedqa,cuad,medquad_qtype,license_category"
@@ -172,18 +173,7 @@ def test_sparsity_report_and_promise(setup, tmp_path):
     """Half of every row of every projection zeroed (smallest magnitudes): the report reads 0.5 per matrix,
     the promise 0.5 passes and 0.6 fails with exit status 1 (results still written)."""
     model_dir, data = setup
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            for linear in (
-                *[getattr(layer.self_attn, f"{r}_proj") for r in "qkvo"],
-                layer.mlp.gate_proj,
-                layer.mlp.up_proj,
-                layer.mlp.down_proj,
-            ):
-                w = linear.weight
-                drop = w.abs().argsort(dim=1)[:, : w.shape[1] // 2]
-                w.scatter_(1, drop, 0.0)
+    model = prune_rows_by_magnitude(AutoModelForCausalLM.from_pretrained(model_dir))
     pruned = tmp_path / "pruned"
     model.save_pretrained(pruned)
     AutoTokenizer.from_pretrained(model_dir).save_pretrained(pruned)
@@ -224,15 +214,66 @@ def test_bad_input_is_one_line(setup, tmp_path, capsys, extra, message):
     assert not (tmp_path / "r.json").exists()
 
 
-@pytest.mark.distributed
-def test_two_zero3_ranks_equal_one_process(setup, tmp_path):
+def pruned_model_and_expert(model_dir: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """The tiny model with half of every row pruned, saved both as an HF directory and as a sparse expert."""
+    model = prune_rows_by_magnitude(AutoModelForCausalLM.from_pretrained(model_dir))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    hf_dir = tmp_path / "pruned"
+    model.save_pretrained(hf_dir)
+    tokenizer.save_pretrained(hf_dir)
+    return hf_dir, write_expert(model, tokenizer, tmp_path / "expert", sparsity=0.5)
+
+
+def test_expert_directory_scores_like_its_hf_export(setup, tmp_path):
+    """The sparse expert read tensor by tensor gives the same scores as the same weights saved as HF, and its
+    manifest's promise (0.5) is checked without --expect-sparsity."""
     model_dir, data = setup
+    hf_dir, expert_dir = pruned_model_and_expert(model_dir, tmp_path)
+    a, b = tmp_path / "hf.json", tmp_path / "expert.json"
+    assert main(eval_args(hf_dir, data, a)) == 0
+    assert main(eval_args(expert_dir, data, b)) == 0
+    hf, expert = json.loads(a.read_text()), json.loads(b.read_text())
+    assert (hf["model_kind"], expert["model_kind"]) == ("hf", "expert")
+    for name, want in hf["tasks"].items():
+        assert expert["tasks"][name]["loglik"] == want["loglik"]
+    assert expert["perplexity"] == hf["perplexity"]
+    assert expert["sparsity"]["check"]["promised"] == 0.5 and expert["sparsity"]["check"]["passed"]
+    assert "check" not in hf["sparsity"] and expert["sparsity"]["blocks"] == hf["sparsity"]["blocks"]
+
+
+def test_damaged_expert_is_one_line(setup, tmp_path, capsys):
+    model_dir, data = setup
+    _, expert_dir = pruned_model_and_expert(model_dir, tmp_path)
+    shard = next(expert_dir.glob("expert-rank*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:-8])
+    args = [
+        "eval",
+        "--model",
+        str(expert_dir),
+        "--tasks",
+        "cuad",
+        "--data-dir",
+        str(data),
+        "--out",
+        str(tmp_path / "r.json"),
+    ]
+    assert main(args) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "exert-ds: error: " in line]
+    assert len(errors) == 1 and errors[0].endswith("the expert is damaged, write it again") and shard.name in errors[0]
+
+
+@pytest.mark.distributed
+def test_two_zero3_ranks_on_the_expert_equal_one_process(setup, tmp_path):
+    """2 ranks, ZeRO-3 inference, the sparse expert loaded into partitions tensor by tensor, against one process
+    on the same weights as an HF directory: identical metrics and predictions."""
+    model_dir, data = setup
+    hf_dir, expert_dir = pruned_model_and_expert(model_dir, tmp_path)
     one, two = tmp_path / "one.json", tmp_path / "two.json"
-    assert main(eval_args(model_dir, data, one)) == 0
+    assert main(eval_args(hf_dir, data, one)) == 0
     ds = str(Path(__file__).resolve().parents[1] / "ds_configs" / "zero3_cpu.json")
-    deepspeed_cpu(["--module", "exert_ds", *eval_args(model_dir, data, two, "--deepspeed", ds)], ranks=2)
+    deepspeed_cpu(["--module", "exert_ds", *eval_args(expert_dir, data, two, "--deepspeed", ds)], ranks=2)
     a, b = json.loads(one.read_text()), json.loads(two.read_text())
-    assert (b["world_size"], b["zero3"]) == (2, True)
+    assert (b["world_size"], b["zero3"], b["model_kind"]) == (2, True, "expert")
     for name, want in a["tasks"].items():
         got = b["tasks"][name]
         for key in ("n", "accuracy", "macro_f1", "ci95", "majority_accuracy", "predictions"):
@@ -241,4 +282,4 @@ def test_two_zero3_ranks_equal_one_process(setup, tmp_path):
     for name, want in a["perplexity"].items():
         assert b["perplexity"][name]["perplexity"] == pytest.approx(want["perplexity"], rel=1e-6)
         assert b["perplexity"][name]["tokens"] == want["tokens"]
-    assert b["sparsity"]["blocks"] == a["sparsity"]["blocks"]
+    assert b["sparsity"]["blocks"] == a["sparsity"]["blocks"] and b["sparsity"]["check"]["passed"]
