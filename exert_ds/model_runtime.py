@@ -5,6 +5,8 @@ needs (gather of per-example scores, in-place sum of statistics), which are no-o
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,11 +81,20 @@ def model_kind(path: str) -> str:
     return "expert" if is_expert_dir(path) else "hf"
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def open_model(cfg: ModelConfig, deepspeed_config: str | None) -> Runtime:
     """Load the model for evaluation: ZeRO-3 partitioned with `deepspeed_config`, else whole on this device."""
     world = launched_world_size()
     ds = inference_ds_config(deepspeed_config, world) if deepspeed_config else None
     if world > 1 or ds is not None:
+        if world == 1 and "RANK" not in os.environ:  # ZeRO-3 in one process started without a launcher
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
         init_distributed()
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank != 0:

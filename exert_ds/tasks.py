@@ -111,28 +111,36 @@ def licence_split(key: str) -> str:
     return "test" if int(hashlib.sha256(key.encode()).hexdigest(), 16) % 2 else "train"
 
 
+def licensedcode_dir() -> Path:
+    """The licence folder of the installed licensedcode-data (a namespace package: found by spec, not imported)."""
+    spec = importlib.util.find_spec(LICENSEDCODE)
+    roots = list(spec.submodule_search_locations or []) if spec else []
+    found = [Path(r) / "data" / "licenses" for r in roots if (Path(r) / "data" / "licenses").is_dir()]
+    if not found:
+        raise ConfigError(
+            "task license_category needs the licence texts: pip install licensedcode-data (or install "
+            "exert_ds[eval]), or give --task-data license_category=DIR of .LICENSE files"
+        )
+    return found[0]
+
+
 def licensedcode_records(licenses_dir: str | Path | None = None) -> list[dict[str, str]]:
     """key, category, text, split of every licence with a non-empty text and a category, in key order.
 
     Each `<key>.LICENSE` holds a YAML header between '---' lines (key, name, category, ...) and then the text.
     """
-    if licenses_dir is None:
-        spec = importlib.util.find_spec(LICENSEDCODE)
-        roots = list(spec.submodule_search_locations or []) if spec else []
-        found = [Path(r) / "data" / "licenses" for r in roots if (Path(r) / "data" / "licenses").is_dir()]
-        if not found:
-            raise ConfigError(
-                "task license_category needs the licence texts: pip install licensedcode-data (or install "
-                "exert_ds[eval]), or give --task-data license_category=DIR of .LICENSE files"
-            )
-        licenses_dir = found[0]
-    directory = Path(licenses_dir)
+    directory = Path(licenses_dir) if licenses_dir else licensedcode_dir()
     files = sorted(directory.glob("*.LICENSE")) if directory.is_dir() else []
     if not files:
         raise ConfigError(f"task license_category: {directory} holds no .LICENSE files")
     records = []
     for path in files:
-        _, header, text = path.read_text(encoding="utf-8").split("---", 2)
+        parts = path.read_text(encoding="utf-8").split("---", 2)
+        if len(parts) != 3 or parts[0].strip():
+            raise ConfigError(
+                f"{path}: not a licensedcode .LICENSE file (a YAML header between '---' lines, then text)"
+            )
+        _, header, text = parts
         meta = yaml.safe_load(header) or {}
         key, category = meta.get("key", path.stem), meta.get("category")
         if category and text.strip():
@@ -143,7 +151,7 @@ def licensedcode_records(licenses_dir: str | Path | None = None) -> list[dict[st
 def _records(task: Task, where: str) -> list[dict]:
     """The task's rows (split applied) from a local file/folder or a hub data set."""
     if task.source == LICENSEDCODE:
-        rows = licensedcode_records(where or None)
+        rows = licensedcode_records(where)
         return [r for r in rows if task.split is None or r[task.split_field] == task.split]
     local = Path(where).expanduser().exists()
     if not local and (where.startswith((".", "/", "~")) or where.count("/") > 1 or "." in Path(where).name):
@@ -171,7 +179,7 @@ def task_location(task: Task, data_dir: str | Path | None, override: str | None)
     if override:
         return override
     if task.source == LICENSEDCODE:
-        return ""
+        return str(licensedcode_dir())
     if data_dir is None:
         raise ConfigError(f"task {task.name} reads {task.source}: give --data-dir or --task-data {task.name}=PATH")
     base = Path(data_dir)
@@ -196,7 +204,7 @@ def load_task(
         labels = sorted({str(r[task.label_field]) for r in rows})
         verbal = [f" {label}" for label in labels]
     if not rows:
-        raise ConfigError(f"task {task.name}: no rows in split {task.split!r} of {where or task.source}")
+        raise ConfigError(f"task {task.name}: no rows in split {task.split!r} of {where}")
     if max_examples is not None and max_examples < len(rows):
         pick = np.sort(np.random.default_rng(seed).permutation(len(rows))[:max_examples])
         rows = [rows[i] for i in pick]
@@ -207,4 +215,4 @@ def load_task(
 
     prompts = [task.prompt.format(**{name: field_text(r, name) for name in task.prompt_fields()}) for r in rows]
     gold = [str(r[task.label_field]) for r in rows]
-    return TaskExamples(task, prompts, gold, labels, verbal, where or "licensedcode-data (site-packages)")
+    return TaskExamples(task, prompts, gold, labels, verbal, where)
