@@ -20,6 +20,8 @@ from pathlib import Path
 import deepspeed.comm as dist
 import numpy as np
 import torch
+from deepspeed.accelerator import get_accelerator
+from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
 from torch import Tensor, nn
 
 from exert_ds.architecture import decoder_layers
@@ -202,6 +204,48 @@ def _verify(path: Path, manifest: dict, rank: int, world: int, fingerprint: str)
     return None
 
 
+@torch.no_grad()
+def replay_adam_step_counter(optimizer: torch.optim.Optimizer) -> None:
+    """Walk DeepSpeed's CPU Adam kernels through the step counts already done, so a resumed run rounds as the
+    uninterrupted one did.
+
+    FusedAdam on the CPU accelerator and DeepSpeedCPUAdam (ZeRO-Offload) keep β₁ᵗ and β₂ᵗ in C++ state outside
+    every state dict: advanced by one float multiplication per step, but recomputed with pow() when the step
+    jumps — as it does on the first step after a load. The two differ in the last bit for some t (e.g. t = 3, 6),
+    and then every later update is about one ulp off. Calling the kernel on empty tensors for steps 1..t repeats
+    the uninterrupted run's sequence of multiplications (no element is touched). CUDA FusedAdam and torch's Adam
+    compute βᵗ from the step each time and need nothing.
+    """
+    steps = [int(state["step"]) for state in optimizer.state.values() if "step" in state]
+    if not steps or not optimizer.param_groups:
+        return
+    group, empty = optimizer.param_groups[0], torch.empty(0)
+    hyper = (group["lr"], *group["betas"], group["eps"])
+    if isinstance(optimizer, DeepSpeedCPUAdam):
+
+        def kernel(step: int) -> None:
+            optimizer.ds_opt_adam.adam_update(
+                optimizer.opt_id, step, *hyper, group["weight_decay"], group["bias_correction"], *[empty] * 4
+            )
+    elif isinstance(optimizer, FusedAdam) and get_accelerator().device_name() == "cpu":
+
+        def kernel(step: int) -> None:
+            optimizer.multi_tensor_adam(
+                1,
+                optimizer._dummy_overflow_buf,
+                [[empty]] * 4,
+                *hyper,
+                step,
+                optimizer.adam_w_mode,
+                int(group["bias_correction"]),
+                group["weight_decay"],
+            )
+    else:
+        return
+    for step in range(1, max(steps) + 1):
+        kernel(step)
+
+
 def load_checkpoint(engine, path: Path, fingerprint: str) -> tuple[TrainPosition, dict[str, Tensor]]:
     """Collective: verify, restore DeepSpeed's trainable state, the sparse base partitions, RNG; returns the
     position and the EMA state. Every rank raises the same ConfigError if any rank's files are bad."""
@@ -216,6 +260,7 @@ def load_checkpoint(engine, path: Path, fingerprint: str) -> tuple[TrainPosition
     if problem:
         raise ConfigError(problem)
     engine.load_checkpoint(str(path), tag=ENGINE_TAG, load_module_strict=False)
+    replay_adam_step_counter(engine.optimizer.optimizer)
     base = torch.load(path / _rank_file(rank), weights_only=False)
     for name, param in pruned_base_weights(engine.module).items():
         write_partition(param, unpack_sparse(base["weights"][name]).to(param.ds_tensor.device))

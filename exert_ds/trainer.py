@@ -181,8 +181,14 @@ def build_session(cfg: RunConfig, with_training_data: bool, adapter: str | None 
         sampler = DistributedSampler(
             dataset, num_replicas=dist.get_world_size(), rank=rank, shuffle=False, drop_last=True
         )
+        # its own generator: starting an epoch's iterator must not draw from the global RNG (dropout's stream), or a
+        # run resumed mid-epoch would draw once more than the uninterrupted one and its dropout masks would shift
         loader = DataLoader(
-            dataset, batch_size=engine.train_micro_batch_size_per_gpu(), sampler=sampler, drop_last=True
+            dataset,
+            batch_size=engine.train_micro_batch_size_per_gpu(),
+            sampler=sampler,
+            drop_last=True,
+            generator=torch.Generator().manual_seed(cfg.train.seed),
         )
         if len(loader) < engine.gradient_accumulation_steps():
             raise ConfigError(

@@ -66,3 +66,38 @@ def test_resume_is_exact_at_the_same_world_size(tmp_path):
     with pytest.raises(AssertionError) as failed:
         deepspeed_cpu(["--module", "exert_ds", "train", "--config", str(config), "--resume", "auto"], ranks=2)
     assert str(failed.value).count(f"{damaged} is missing, truncated or altered") >= 2
+
+
+def test_replayed_adam_step_counter_makes_cpu_adam_resume_bit_identical():
+    """DeepSpeed's CPU FusedAdam keeps βᵗ as a running float product in C++; a fresh optimizer loaded at step t
+    recomputes it with pow() and, for some t, rounds every later update differently. After the replay it does not."""
+    import copy
+
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.ops.adam import FusedAdam
+
+    from exert_ds.checkpoint import replay_adam_step_counter
+
+    if get_accelerator().device_name() != "cpu":
+        pytest.skip("the CPU Adam kernel is what keeps the state")
+    grads = torch.randn(10, 1000, generator=torch.Generator().manual_seed(0))
+    param = torch.nn.Parameter(torch.randn(1000, generator=torch.Generator().manual_seed(1)))
+    optimizer, snapshots = FusedAdam([param], lr=1e-2), []
+    for grad in grads:
+        snapshots.append((param.detach().clone(), copy.deepcopy(optimizer.state_dict())))
+        param.grad = grad.clone()
+        optimizer.step()
+    outcomes = {}
+    for t in range(1, len(grads)):
+        for replay in (False, True):
+            resumed = torch.nn.Parameter(snapshots[t][0].clone())
+            fresh = FusedAdam([resumed], lr=1e-2)
+            fresh.load_state_dict(copy.deepcopy(snapshots[t][1]))
+            if replay:
+                replay_adam_step_counter(fresh)
+            for grad in grads[t:]:
+                resumed.grad = grad.clone()
+                fresh.step()
+            outcomes[t, replay] = torch.equal(resumed.detach(), param.detach())
+    assert all(outcomes[t, True] for t in range(1, len(grads)))
+    assert not all(outcomes[t, False] for t in range(1, len(grads)))  # the bug is real without the replay
