@@ -122,9 +122,11 @@ class Bench:
         self.n_params = matmul_params(self.engine.module)
         self.peak, self.peak_note = peak_tflops(args.peak_tflops)
         meta = environment(args)
+        inner = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)  # torch's, under ZeRO-3's
         meta.update(
             model_config=hf_config.to_dict(),
             ds_config=ds,
+            optimizer={"class": type(inner).__name__, "fused": getattr(inner, "defaults", {}).get("fused")},
             flops_convention={
                 "N_matmul_params": self.n_params,
                 "mfu": "4N FLOPs per token (frozen-base LoRA step, no recompute counted)",
