@@ -45,21 +45,21 @@ run() {  # NAME SECONDS LAUNCHER-ARGS... -- SCRIPT-ARGS...
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >> "$OUT/runs.log"
 
 # 1. one GPU each, in parallel
-run 7b_1gpu 150 --include "$GPU_A" --master_port 29511 eval/bench_scale.py \
+run 7b_1gpu 160 --include "$GPU_A" --master_port 29511 eval/bench_scale.py \
   --config-dir "$CFG_7B" "${common[@]}" --variant nockpt:4 --variant nockpt:8 \
   --out "$OUT/bench_7b_1gpu.json" &
-run 8b_1gpu 150 --include "$GPU_B" --master_port 29512 eval/bench_scale.py \
+run 8b_1gpu 160 --include "$GPU_B" --master_port 29512 eval/bench_scale.py \
   --config-dir "$CFG_8B" "${common[@]}" --out "$OUT/bench_8b_1gpu.json" &
 wait
 
-# 2. the 7B shape on two GPUs, with the profile
-run 7b_2gpu "$(( $(left) < 170 ? $(left) : 170 ))" --num_gpus 2 --master_port 29513 eval/bench_scale.py \
+# 2. the 7B shape on two GPUs, with the profile (90 s kept for step 3)
+run 7b_2gpu "$(( $(left) - 90 < 170 ? $(left) - 90 : 170 ))" --num_gpus 2 --master_port 29513 eval/bench_scale.py \
   --config-dir "$CFG_7B" "${common[@]}" --variant nockpt:4 --variant nockpt:8 --profile \
   --out "$OUT/bench_7b_2gpu.json"
 
 # 3. issue 9: 70B shapes, 3 blocks
 if [ "$(left)" -gt 40 ]; then
-  run 70b_blocks "$(( $(left) < 100 ? $(left) : 100 ))" --num_gpus 2 --master_port 29514 eval/bench_70b_blocks.py \
+  run 70b_blocks "$(( $(left) < 110 ? $(left) : 110 ))" --num_gpus 2 --master_port 29514 eval/bench_70b_blocks.py \
     --config-dir "$CFG_70B" --layers 3 --seq 1024 --micro-batch 1 --calib-samples 16 --calib-seq 2048 \
     --calib-micro-batch 2 \
     --out "$OUT/bench_70b_blocks.json"
