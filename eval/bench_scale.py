@@ -15,6 +15,8 @@ weights from a config.json), measured in this order, each written to --out as so
 5. `profile` (with --profile): torch.profiler tables of one training step and one prune event.
 6. `hessian_matmul` (CUDA only): XᵀX of one calibration micro-batch as the event forms it (float32 inputs)
    against bf16 inputs with a float32 result (torch.mm out_dtype), time and difference; not used by the event.
+7. `pbs_precision` (CUDA only): PBS hessian on a gate- and a down-shaped matrix, float32 matmuls (as the event)
+   against TF32, time, error reduction and the difference in ΔB; not used by the event.
 
 FLOPs convention (MFU): N = elements of the frozen base model's linear weights (all projections and the LM
 head, no embedding, no LoRA). A frozen-base LoRA step costs 4N per token (forward 2N, input gradients 2N;
@@ -60,6 +62,7 @@ from bench_common import (
 
 from exert_ds.cli import shutdown_distributed
 from exert_ds.event import PruneEvent, PruneState
+from exert_ds.pbs import partial_brain_surgeon_with_errors
 from exert_ds.schedule import plan_events
 from exert_ds.trainer import (
     build_engine,
@@ -265,34 +268,76 @@ class Bench:
 
     def hessian_matmul(self) -> None:
         """XᵀX for one calibration micro-batch at the model's widths: float32 (as the event does) vs bf16 inputs
-        with a float32 result. Measured here because the bf16 path exists on CUDA only."""
-        if not torch.cuda.is_available():
-            return
-        config = self.engine.module.config
-        rows = self.args.calib_micro_batch * self.args.calib_seq
-        out = []
-        for width in (config.hidden_size, config.intermediate_size):
-            x = torch.randn(rows, width, device="cuda").to(torch.bfloat16)
-            reference = x.float().T @ x.float()
+        with a float32 result. Measured on CUDA only (the bf16 path exists there only)."""
+        if torch.cuda.is_available():
+            config, rows = self.engine.module.config, self.args.calib_micro_batch * self.args.calib_seq
+            shapes = [hessian_matmul(rows, w, "cuda") for w in (config.hidden_size, config.intermediate_size)]
+            self.results.add({"phase": "hessian_matmul", "shapes": shapes})
 
-            def fp32(x=x) -> torch.Tensor:
-                return x.float().T @ x.float()
+    def pbs_precision(self) -> None:
+        """PBS with float32 vs TF32 matmuls on a gate- and a down-shaped matrix (CUDA only, where TF32 exists)."""
+        if torch.cuda.is_available():
+            config, tokens = self.engine.module.config, self.args.calib_micro_batch * self.args.calib_seq
+            hidden, ffn = config.hidden_size, config.intermediate_size
+            shapes = [
+                pbs_precision(o, i, self.args.lora_r, tokens, self.args.seed, "cuda")
+                for o, i in ((ffn, hidden), (hidden, ffn))
+            ]
+            self.results.add({"phase": "pbs_precision", "shapes": shapes})
 
-            def bf16(x=x) -> torch.Tensor:
-                return torch.mm(x.T, x, out_dtype=torch.float32)
 
-            row = {"rows": rows, "width": width}
-            for name, fn in (("fp32", fp32), ("bf16_in_fp32_out", bf16)):
-                try:
-                    fn()
-                    seconds = min(timed(fn)[0] for _ in range(3))
-                    diff = float((fn() - reference).abs().max() / reference.abs().max())
-                    row[name] = {"seconds": seconds, "max_rel_diff": diff}
-                except (RuntimeError, TypeError) as err:
-                    row[name] = {"error": str(err).splitlines()[0]}
-            out.append(row)
-            del x, reference
-        self.results.add({"phase": "hessian_matmul", "shapes": out})
+def hessian_matmul(rows: int, width: int, device: str) -> dict:
+    """XᵀX of a rows × width bf16 X: float32 inputs (as the event forms H) vs bf16 inputs with a float32 result
+    (torch.mm out_dtype): best of 3 seconds and the largest difference from the float32 product. Not used by
+    the event; measured to decide whether it should be."""
+    x = torch.randn(rows, width, device=device).to(torch.bfloat16)
+    reference = x.float().T @ x.float()
+    variants = {
+        "fp32": lambda: x.float().T @ x.float(),
+        "bf16_in_fp32_out": lambda: torch.mm(x.T, x, out_dtype=torch.float32),
+    }
+    row: dict = {"rows": rows, "width": width}
+    for name, fn in variants.items():
+        try:
+            fn()
+            seconds = min(timed(fn)[0] for _ in range(3))
+            row[name] = {
+                "seconds": seconds,
+                "max_rel_diff": float((fn() - reference).abs().max() / reference.abs().max()),
+            }
+        except (RuntimeError, TypeError, NotImplementedError) as err:
+            row[name] = {"error": str(err).splitlines()[0][:200]}
+    return row
+
+
+def pbs_precision(out_f: int, in_f: int, r: int, tokens: int, seed: int, device: str) -> dict:
+    """PBS mode hessian (the event's own function) on one out_f × in_f matrix at 50% per row, with float32
+    matmuls (torch.set_float32_matmul_precision "highest", as the event runs) and with TF32 ("high"): seconds
+    (best of 2), the reconstruction-error reduction of each, and the relative difference of their ΔB. Not used
+    by the event; measured to decide whether it should be."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    w = torch.randn(out_f, in_f, device=device, generator=gen) * 0.02
+    a = (torch.rand(r, in_f, device=device, generator=gen) * 2 - 1) / in_f**0.5
+    b = torch.randn(out_f, r, device=device, generator=gen) * 1e-3
+    x = torch.randn(tokens, in_f, device=device, generator=gen)
+    hessian = x.T @ x
+    keep = w.abs() >= w.abs().median(dim=1, keepdim=True).values
+    run = partial(partial_brain_surgeon_with_errors, w, a, b, 2.0, keep, hessian, 1e-2)
+    row: dict = {"shape": [out_f, in_f], "tokens": tokens}
+    deltas = {}
+    previous = torch.get_float32_matmul_precision()
+    try:
+        for precision in ("highest", "high"):
+            torch.set_float32_matmul_precision(precision)
+            run()
+            seconds = min(timed(run)[0] for _ in range(2))
+            new_b, before, after = run()
+            deltas[precision] = new_b - b
+            row[precision] = {"seconds": seconds, "error_reduction": 1 - after / before}
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    row["delta_b_rel_diff"] = float((deltas["high"] - deltas["highest"]).norm() / deltas["highest"].norm())
+    return row
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -305,6 +350,7 @@ def main(argv: list[str] | None = None) -> None:
         ckpt, mb = parse_variant(spec)
         bench.plain(ckpt, mb, spec)
     bench.hessian_matmul()
+    bench.pbs_precision()
     if args.profile:
         bench.profile()
     sync()

@@ -172,6 +172,20 @@ def hessian_section(docs: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def pbs_precision_section(docs: list[dict[str, Any]]) -> list[str]:
+    out = []
+    for doc in docs:
+        for m in phases(doc, "pbs_precision"):
+            for s in m["shapes"]:
+                fp32, tf32 = s["highest"], s["high"]
+                out.append(
+                    f"- {name(doc)}: PBS on {s['shape'][0]}×{s['shape'][1]} (H from {s['tokens']:,} tokens): float32 "
+                    f"{fmt(fp32['seconds'] * 1e3, 1)} ms vs TF32 {fmt(tf32['seconds'] * 1e3, 1)} ms; error reduction "
+                    f"{pct(fp32['error_reduction'])} vs {pct(tf32['error_reduction'])}; ΔB rel. diff {s['delta_b_rel_diff']:.1e}"
+                )
+    return out
+
+
 def seventy_b_section(doc: dict[str, Any]) -> list[str]:
     meta, target = doc["meta"], doc["meta"].get("extrapolation_target", {})
     args = meta["args"]
@@ -265,7 +279,14 @@ def render(docs: list[dict[str, Any]]) -> str:
         lines += ["", "## 1 → 2 GPUs", ""] + scaling_table(scale) + [""]
         hess = hessian_section(scale)
         if hess:
-            lines += ["## H = XᵀX: float32 inputs (as the event does) vs bf16 inputs, float32 result", ""] + hess + [""]
+            lines += (
+                ["## H = XᵀX: float32 inputs (as the event does) vs bf16 inputs, float32 result (measured only)", ""]
+                + hess
+                + [""]
+            )
+        pbs = pbs_precision_section(scale)
+        if pbs:
+            lines += ["## PBS: float32 matmuls (as the event runs) vs TF32 (measured only)", ""] + pbs + [""]
         prof = profile_section(scale)
         if prof:
             lines += ["## Profiles (torch.profiler)", ""] + prof
