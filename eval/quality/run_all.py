@@ -1,0 +1,232 @@
+"""Run every cell of the quality table (issue 7) and collect the raw results in one JSON.
+
+Per domain (health, legal) and sparsity (0.5, 0.4): dense LoRA; ForeSight + PBS (hessian); ForeSight + PBS
+(reference); ForeSight alone; and the dense LoRA expert pruned one-shot by Wanda, SparseGPT and magnitude —
+same data, steps and seed (health.yaml / legal.yaml, varied only by --set). Each job is one process
+(`python -m exert_ds train|prune`, then `python -m exert_ds eval` on what it wrote); jobs share the GPUs,
+several per GPU (a 135M model leaves an H200 mostly idle), in priority order, so that a deadline leaves a
+coherent part of the table. Writes OUT/quality_raw.json (results, TensorBoard scalars of every event,
+commands, seconds) and OUT/logs.tar.gz.
+
+  python3 eval/quality/run_all.py --out $OUT --gpus 2 --per-gpu 4 --deadline-s 480
+then  python3 eval/quality/table.py $OUT/quality_raw.json   (writes eval/results/quality.md + quality.json)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+DATA = REPO / ".stage" / "quality_data"
+RUNS = REPO / "runs" / "quality"
+SPARSITIES = (0.5, 0.4)
+TASKS = {"health": "pubmedqa,medquad_qtype", "legal": "cuad,license_category"}
+ONE_SHOT = ("wanda", "sparsegpt", "magnitude")
+TRAINED = {"foresight_pbs_hessian": "hessian", "foresight_pbs_reference": "reference", "foresight_alone": "off"}
+
+
+@dataclass
+class Job:
+    """One cell: a training (or one-shot prune) run, then the evaluation of the model it wrote."""
+
+    name: str
+    domain: str
+    method: str
+    sparsity: float
+    command: list[str]
+    model_dir: Path
+    needs: str | None = None
+    result: dict = field(default_factory=dict)
+
+
+def jobs_for(domain: str, seed: int, extra: list[str]) -> list[Job]:
+    config = str(HERE / f"{domain}.yaml")
+    out: list[Job] = []
+
+    def run(kind: str, name: str, sets: list[str]) -> list[str]:
+        sets = [*sets, f"train.output_dir={RUNS / name}", f"train.seed={seed}", *extra]
+        return [sys.executable, "-m", "exert_ds", kind, "--config", config, *(a for s in sets for a in ("--set", s))]
+
+    dense = f"{domain}-dense_lora"
+    out.append(Job(dense, domain, "dense_lora", 0.0, run("train", dense, ["prune.enabled=false"]), RUNS / dense))
+    for sparsity in SPARSITIES:
+        for method, mode in TRAINED.items():
+            name = f"{domain}-{method}-{sparsity}"
+            sets = [f"prune.sparsity={sparsity}", f"pbs.mode={mode}"]
+            out.append(Job(name, domain, method, sparsity, run("train", name, sets), RUNS / name))
+        for scorer in ONE_SHOT:
+            name = f"{domain}-lora_then_{scorer}-{sparsity}"
+            sets = [
+                f"model.name_or_path={RUNS / dense / 'final'}",
+                f"prune.scorer={scorer}",
+                f"prune.sparsity={sparsity}",
+                "pbs.mode=off",
+            ]
+            out.append(Job(name, domain, f"lora_then_{scorer}", sparsity, run("prune", name, sets), RUNS / name, dense))
+    return out
+
+
+def eval_command(job: Job, args: argparse.Namespace) -> list[str]:
+    held = DATA / "heldout"
+    command = [
+        sys.executable, "-m", "exert_ds", "eval", "--model", str(job.model_dir / "final"),
+        "--tasks", TASKS[job.domain], "--data-dir", str(DATA / "eval"),
+        "--perplexity", f"{job.domain}={held / f'{job.domain}.jsonl.gz'}",
+        "--perplexity", f"general={held / 'general.jsonl.gz'}",
+        "--max-examples", str(args.max_examples), "--max-length", "512", "--micro-batch", str(args.eval_batch),
+        "--window", "512", "--max-windows", str(args.max_windows), "--dtype", "bfloat16",
+        "--out", str(job.model_dir / "eval.json"),
+    ]  # fmt: skip
+    if job.domain == "legal":
+        command += ["--task-data", f"license_category={DATA / 'eval' / 'licenses'}"]
+    if job.sparsity:
+        command += ["--expect-sparsity", str(job.sparsity)]
+    return command
+
+
+def event_scalars(run_dir: Path) -> dict[str, list[list[float]]]:
+    """TensorBoard scalars of the prune events (tag → [[step, value], ...]): PBS error reduction, mask change."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = run_dir / "tensorboard"
+    if not board.is_dir():
+        return {}
+    acc = EventAccumulator(str(board))
+    acc.Reload()
+    wanted = ("pbs_error_reduction/", "mask_change/", "event/", "sparsity/", "train/loss")
+    return {
+        tag: [[e.step, e.value] for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"] if tag.startswith(wanted)
+    }
+
+
+def job_env(slot: int, args: argparse.Namespace) -> dict[str, str]:
+    env = {
+        **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(29600 + slot),
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "OMP_NUM_THREADS": str(args.threads),
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "NCCL_NVLS_ENABLE": "0",
+    }
+    if args.gpus:
+        env["CUDA_VISIBLE_DEVICES"] = str(slot % args.gpus)
+    else:
+        env["DS_ACCELERATOR"] = "cpu"
+    return env
+
+
+def run_job(job: Job, slot: int, args: argparse.Namespace, logs: Path) -> subprocess.Popen:
+    """Train/prune, then evaluate, in one shell so the slot is held until both are done."""
+    script = " && ".join(" ".join(f"'{a}'" for a in command) for command in (job.command, eval_command(job, args)))
+    log = (logs / f"{job.name}.log").open("w")
+    return subprocess.Popen(["bash", "-c", script], cwd=REPO, env=job_env(slot, args), stdout=log, stderr=log)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--gpus", type=int, default=0, help="GPUs to share among the jobs (0: CPU ranks)")
+    parser.add_argument("--per-gpu", type=int, default=4, help="jobs at once per GPU (or in all, on CPU)")
+    parser.add_argument("--deadline-s", type=float, default=480, help="kill what still runs after this")
+    parser.add_argument("--domains", default="health,legal")
+    parser.add_argument("--only", default="", help="comma-separated job names (default: all)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-examples", type=int, default=500)
+    parser.add_argument("--max-windows", type=int, default=64)
+    parser.add_argument("--eval-batch", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=4)
+    parser.add_argument("--set", action="append", default=[], help="extra --set for every run (smoke tests)")
+    args = parser.parse_args()
+    started = time.monotonic()
+    logs = args.out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    queue = [j for d in args.domains.split(",") for j in jobs_for(d, args.seed, args.set)]
+    if args.only:
+        queue = [j for j in queue if j.name in args.only.split(",")]
+    queue.sort(key=lambda j: (j.sparsity != 0.5 and j.sparsity != 0.0, j.needs is not None))  # 50% first
+    slots = max(1, args.gpus) * args.per_gpu
+    running: dict[int, tuple[Job, subprocess.Popen, float]] = {}
+    done: dict[str, Job] = {}
+    while queue or running:
+        for slot, (job, proc, t0) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            del running[slot]
+            job.result = {"returncode": proc.returncode, "seconds": round(time.monotonic() - t0, 1)}
+            done[job.name] = job
+            print(f"[{time.monotonic() - started:6.0f}s] {job.name}: rc={proc.returncode}", flush=True)
+        if time.monotonic() - started > args.deadline_s:
+            for job, proc, _ in running.values():
+                proc.kill()
+                job.result = {"returncode": "killed at the deadline"}
+                done[job.name] = job
+            running.clear()
+            break
+        free = [s for s in range(slots) if s not in running]
+        for job in list(queue):
+            if not free:
+                break
+            if job.needs and job.needs not in done:
+                continue
+            queue.remove(job)
+            if job.needs and done[job.needs].result.get("returncode") != 0:
+                job.result = {"returncode": f"skipped: {job.needs} failed"}
+                done[job.name] = job
+                continue
+            slot = free.pop(0)
+            running[slot] = (job, run_job(job, slot, args, logs), time.monotonic())
+        time.sleep(1)
+    for job in queue:
+        done[job.name] = job
+        job.result = {"returncode": "not started before the deadline"}
+    write_raw(args, done, logs, time.monotonic() - started)
+
+
+def write_raw(args: argparse.Namespace, done: dict[str, Job], logs: Path, seconds: float) -> None:
+    import torch
+    import transformers
+
+    cells = {}
+    for name, job in done.items():
+        result = dict(job.result)
+        evaluation = job.model_dir / "eval.json"
+        if result.get("returncode") == 0 and evaluation.is_file():
+            result["eval"] = json.loads(evaluation.read_text())
+            result["events"] = event_scalars(job.model_dir)
+        result.update(domain=job.domain, method=job.method, sparsity=job.sparsity, command=job.command)
+        cells[name] = result
+    raw = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "gpus": args.gpus,
+        "jobs_per_gpu": args.per_gpu,
+        "seconds": round(seconds, 1),
+        "seeds": [args.seed],
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "cells": cells,
+    }
+    (args.out / "quality_raw.json").write_text(json.dumps(raw, indent=1))
+    with tarfile.open(args.out / "logs.tar.gz", "w:gz") as tar:
+        tar.add(logs, arcname="logs")
+    ok = sum(1 for c in cells.values() if "eval" in c)
+    print(f"{ok}/{len(cells)} cells evaluated in {seconds:.0f}s -> {args.out / 'quality_raw.json'}")
+
+
+if __name__ == "__main__":
+    main()
