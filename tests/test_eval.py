@@ -124,6 +124,30 @@ def test_a_model_forced_to_one_label_scores_that_labels_share(setup):
     assert result["pred_counts"] == {"no": len(examples.gold)}
 
 
+def test_simulated_ranks_score_bit_identically_with_equal_forward_counts(setup):
+    """3 ranks over 8 batches (shares 3, 3, 2), gathered, equal the 1-process scores bit for bit, and every rank
+    makes the same number of forward calls (ZeRO-3 needs it) by repeating a batch it then drops."""
+    model_dir, data = setup
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    examples = load_task(TASKS["pubmedqa"], data)
+    sequences = build_sequences(tokenizer, examples.prompts, examples.verbalisations, 32)
+    assert -(-len(sequences.ids) // 5) == 8  # 36 sequences: 8 batches of up to 5
+    want = label_loglikelihoods(model, sequences, 5, tokenizer.pad_token_id)
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    parts = []
+    for rank in range(3):
+        calls.clear()
+        label_loglikelihoods(
+            model, sequences, 5, tokenizer.pad_token_id, rank, 3, gather=lambda o: parts.append(o) or [o]
+        )
+        assert len(calls) == 3
+    got = label_loglikelihoods(model, sequences, 5, tokenizer.pad_token_id, 0, 3, gather=lambda o: parts)
+    assert sorted(b for part in parts for b in part) == list(range(8))
+    np.testing.assert_array_equal(got, want)
+
+
 def test_metrics_against_hand_computed_values():
     gold = np.array(["a", "a", "b", "c"])
     pred = np.array(["a", "b", "b", "b"])
