@@ -37,6 +37,7 @@ MANIFEST = "expert_manifest.json"
 FORMAT = "exert-ds-expert"
 FORMAT_VERSION = 1
 CHUNK = 1 << 24  # elements per row block when checking the promise
+DENSE_CHUNK = 1 << 22  # elements copied at a time from a dense fragment
 
 
 def rank_file(rank: int, world: int) -> str:
@@ -201,19 +202,20 @@ def check_promise(path: Path, name: str, weight: Tensor, entry: dict, pattern: t
     if not need:
         return
     n, m = pattern
+    bits = sparse_codec.bits_view(weight.reshape(-1)).reshape(weight.shape)  # stored zeros are +0: all bits 0
     rows_per_chunk = max(1, CHUNK // weight.shape[-1])
     for first in range(0, weight.shape[0], rows_per_chunk):
-        block = weight[first : first + rows_per_chunk]
+        block = bits[first : first + rows_per_chunk]
         if m:
-            zeros = (block.reshape(block.shape[0], -1, m) == 0).sum(-1)
+            zeros = np.count_nonzero(block.reshape(block.shape[0], -1, m) == 0, axis=-1)
             short = (zeros < n).any(-1)
             what = f"fewer than {n} zeros in a group of {m}"
         else:
-            zeros = (block == 0).sum(-1)
+            zeros = np.count_nonzero(block == 0, axis=-1)
             short = zeros < need
             what = "{} zeros, fewer than the {} promised"
         if short.any():
-            row = int(short.nonzero()[0])
+            row = int(np.flatnonzero(short)[0])
             if not m:
                 what = what.format(int(zeros[row]), need)
             raise ConfigError(
@@ -233,6 +235,18 @@ def expert_tensors(path: str | Path, verify: bool = True) -> Iterator[tuple[str,
     yield from assemble(path, manifest, check=verify)
 
 
+def _read_fragment(file: Path, name: str, storage: str, out: Tensor) -> None:
+    """One rank's fragment of one tensor into `out`. The file is memory-mapped only inside this call: its touched
+    pages count in the reader's RSS until the mapping goes, so it goes before the next tensor is allocated."""
+    with safe_open(file, framework="pt") as fh:
+        if storage == "sparse":
+            sparse_codec.decode_into(out, lambda key: fh.get_slice(f"{name}.{key}"))
+            return
+        stored = fh.get_slice(f"{name}.dense")
+        for at in range(0, out.numel(), DENSE_CHUNK):  # chunked: no second full copy
+            out[at : at + DENSE_CHUNK] = stored[at : at + DENSE_CHUNK]
+
+
 def assemble(path: Path, manifest: dict, check: bool = True) -> Iterator[tuple[str, Tensor]]:
     """expert_tensors without the sha256 pass (for a caller that ran verify_files itself); `check`: the promise."""
     world = manifest["world_size"]
@@ -241,16 +255,10 @@ def assemble(path: Path, manifest: dict, check: bool = True) -> Iterator[tuple[s
         shape = tuple(entry["shape"])
         flat = torch.empty(int(np.prod(shape, dtype=np.int64)), dtype=getattr(torch, entry["dtype"]))
         for rank, (start, end) in enumerate(entry["ranges"]):
-            if start == end:
-                continue
-            with safe_open(path / rank_file(rank, world), framework="pt") as fh:
-                if entry["storage"] == "dense":
-                    flat[start:end] = fh.get_tensor(f"{name}.dense")
-                else:
-                    sparse_codec.decode_into(
-                        flat[start:end], lambda key, fh=fh, name=name: fh.get_slice(f"{name}.{key}")
-                    )
+            if start < end:
+                _read_fragment(path / rank_file(rank, world), name, entry["storage"], flat[start:end])
         weight = flat.view(shape)
         if check and entry["storage"] == "sparse":
             check_promise(path, name, weight, entry, pattern)
         yield name, weight
+        del flat, weight  # before the next tensor is allocated: the caller holds the only reference now

@@ -79,32 +79,42 @@ def encode(flat: Tensor, layout: SparseLayout) -> dict[str, Tensor]:
     }
 
 
+_INT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}  # numpy views of each element size (no bf16)
+
+
+def bits_view(tensor: Tensor) -> np.ndarray:
+    """The raw bits of a CPU tensor as a numpy array of unsigned ints of the same element size (no copy)."""
+    return tensor.view(getattr(torch, f"uint{8 * tensor.element_size()}")).numpy()
+
+
 def decode_into(out: Tensor, piece) -> None:
-    """Fill the flat `out` (its dtype is the stored one) from the pieces; `piece(key)` returns something sliceable
-    along the first dimension (a tensor, or a lazy safetensors slice): only CHUNK elements are decoded at a time."""
-    out.zero_()
+    """Fill the flat CPU `out` (its dtype is the stored one) from the pieces; `piece(key)` returns something
+    sliceable along the first dimension (a tensor, or a lazy safetensors slice): CHUNK elements at a time."""
     size = out.element_size()
-    table = torch.zeros(16, dtype=torch.uint8)
-    table[:TABLE] = piece("table")[:TABLE]
+    dst = bits_view(out)
+    table = np.zeros(16, dtype=np.uint8)
+    table[:TABLE] = piece("table")[:TABLE].numpy()
     mask, low, codes, escapes = piece("mask"), piece("low"), piece("codes"), piece("escapes")
     taken = escaped = 0
     for start in range(0, out.numel(), CHUNK):
         count = min(CHUNK, out.numel() - start)
-        keep = torch.from_numpy(np.unpackbits(mask[start // 8 : (start + count + 7) // 8].numpy(), count=count))
-        keep = keep.bool()
-        kept = int(keep.sum())
+        part = dst[start : start + count]
+        part[:] = 0
+        keep = np.unpackbits(mask[start // 8 : (start + count + 7) // 8].numpy(), count=count).view(bool)
+        kept = int(np.count_nonzero(keep))
         if not kept:
             continue
-        packed = codes[taken // 2 : (taken + kept + 1) // 2]
-        nibbles = torch.stack([packed & 15, packed >> 4], dim=1).reshape(-1)[taken % 2 : taken % 2 + kept]
-        top = table[nibbles.long()]
+        packed = codes[taken // 2 : (taken + kept + 1) // 2].numpy()
+        nibbles = np.empty(2 * packed.size, dtype=np.uint8)
+        nibbles[0::2], nibbles[1::2] = packed & 15, packed >> 4
+        nibbles = nibbles[taken % 2 : taken % 2 + kept]
+        raw = np.empty((kept, size), dtype=np.uint8)
+        raw[:, -1] = table[nibbles]
         is_escape = nibbles == ESCAPE
-        n_escape = int(is_escape.sum())
+        n_escape = int(np.count_nonzero(is_escape))
         if n_escape:
-            top[is_escape] = escapes[escaped : escaped + n_escape]
-        raw = torch.empty(kept, size, dtype=torch.uint8)
-        raw[:, :-1] = low[taken : taken + kept]
-        raw[:, -1] = top
-        out[start : start + count][keep] = raw.view(out.dtype).view(-1)
+            raw[is_escape, -1] = escapes[escaped : escaped + n_escape].numpy()
+        raw[:, :-1] = low[taken : taken + kept].numpy()
+        part[keep] = raw.view(_INT[size]).reshape(-1)
         taken += kept
         escaped += n_escape
