@@ -17,7 +17,15 @@ from exert_ds import sparse_codec
 from exert_ds.checkpoint import unpack_sparse
 from exert_ds.cli import main
 from exert_ds.config import ConfigError
-from exert_ds.expert import MANIFEST, expert_tensors, is_expert_dir, pruned_roles, rank_file, write_expert
+from exert_ds.expert import (
+    MANIFEST,
+    check_promise,
+    expert_tensors,
+    is_expert_dir,
+    pruned_roles,
+    rank_file,
+    write_expert,
+)
 from exert_ds.export import export_expert
 from exert_ds.lora import attach_lora
 from exert_ds.safetensors_stream import SafetensorsStream
@@ -168,6 +176,15 @@ def test_damaged_files_and_broken_promise_are_named(tmp_path, capsys):
     ):
         export_expert(broken, tmp_path / "hf_broken")
     assert not (tmp_path / "hf_broken").exists()
+
+
+def test_n_m_promise_is_checked_per_group(tmp_path):
+    weight = torch.tensor([[0.0, 0.0, 1.0, 2.0, 3.0, 0.0, 0.0, 4.0]] * 3).to(torch.bfloat16)
+    entry = {"zeros_per_row": 4}
+    check_promise(tmp_path, "w", weight, entry, (2, 4))  # 2 zeros in every group of 4
+    weight[2, 5] = 5.0  # row 2, second group: one zero left (the row still has 3)
+    with pytest.raises(ConfigError, match="w row 2 has fewer than 2 zeros in a group of 4"):
+        check_promise(tmp_path, "w", weight, entry, (2, 4))
 
 
 @pytest.fixture(scope="module")
