@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-import yaml
-
-from exert_ds.config import ConfigError, load_config
+from exert_ds.config import ConfigError, load_config, parse_yaml
 from exert_ds.evaluate import add_eval_parser, eval_command
 from exert_ds.export import add_export_parser, export_command
 from exert_ds.inspection import add_inspect_parser, inspect_command
@@ -20,7 +18,7 @@ def _overrides(pairs: list[str]) -> dict:
         key, sep, value = pair.partition("=")
         if not sep:
             raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set prune.sparsity=0.4")
-        out[key] = yaml.safe_load(value)
+        out[key] = parse_yaml(value)
     return out
 
 

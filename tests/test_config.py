@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from exert_ds.cli import main
-from exert_ds.config import ConfigError, load_config
+from exert_ds.config import ConfigError, load_config, parse_yaml
 from exert_ds.ds_config import load_ds_config
 from tests.fixtures import run_yaml
 from tests.launch import deepspeed_cpu
@@ -136,3 +136,12 @@ def test_runtime_bad_input_same_error_on_both_ranks(tmp_path, sections, message)
         deepspeed_cpu(["--module", "exert_ds", "train", "--config", str(config)], ranks=2, timeout=300)
     output = str(failed.value)
     assert output.count(message) >= 2, output[-2000:]
+
+
+def test_off_in_yaml_and_set_is_the_string_off(tmp_path):
+    """YAML 1.1 reads `off` as False; the run YAML and --set use YAML 1.2 booleans so `pbs.mode: off` works."""
+    config = run_yaml(tmp_path, prune={"scorer": "wanda"})
+    config.write_text(config.read_text() + "pbs: {mode: off}\n")
+    assert load_config(config).pbs.mode == "off"
+    assert load_config(run_yaml(tmp_path), {"pbs.mode": parse_yaml("off")}).pbs.mode == "off"
+    assert parse_yaml("true") is True and parse_yaml("no") == "no"
