@@ -4,7 +4,8 @@ One process, one tensor at a time: the shard plan (huggingface_hub's own splitte
 Hugging Face's: `model.safetensors` when it fits one shard, else `model-0000k-of-0000n.safetensors` and
 `model.safetensors.index.json`) comes from the manifest's shapes alone, every shard's header is written first and
 each tensor's bytes follow as `expert_tensors` assembles it, checked against its sha256 and sparsity promise.
-Peak host memory is about one tensor (plus the reader's chunk), whatever the model size.
+Host memory grows by about twice the largest tensor (the assembled tensor, plus the memory-mapped pages of the
+fragment being read), whatever the model size.
 
 `--ckpt` takes an expert directory or a run's output directory (its `expert/`). A training checkpoint is not an
 expert: its LoRA is not merged yet and its dense frozen weights live in the original model, so it is refused.
@@ -117,7 +118,7 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
     text = (
         "stream a sparse expert into a Hugging Face directory (safetensors shards + index, config, tokenizer) that "
         "AutoModelForCausalLM.from_pretrained loads; checks every file's sha256 and every pruned row's zeros. One "
-        "process, no launcher; peak host memory about one tensor"
+        "process, no launcher; host memory about twice the largest tensor"
     )
     p = sub.add_parser("export", help=text, description=text)
     p.add_argument(
