@@ -225,9 +225,9 @@ def check_promise(path: Path, name: str, weight: Tensor, entry: dict, pattern: t
 
 
 def expert_tensors(path: str | Path, verify: bool = True) -> Iterator[tuple[str, Tensor]]:
-    """(Hugging Face parameter name, full tensor), one at a time, assembled from the rank files; peak host memory
-    about twice the largest tensor (the tensor, plus the mapped pages of the fragment being read). With `verify`, every file's sha256 is checked before anything is read, and
-    every pruned matrix's zeros per row against the promise."""
+    """(Hugging Face parameter name, full tensor), one at a time, assembled from the rank files; host memory about
+    twice the largest tensor (the tensor, plus the mapped pages of the fragment being read). With `verify`, every
+    file's sha256 is checked before anything is read, and every pruned matrix's zeros per row against the promise."""
     path = Path(path)
     manifest = read_manifest(path)
     if verify:
