@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from exert_ds import sparse_codec
 from exert_ds.architecture import block_linears, decoder_layers, unwrap
@@ -119,7 +120,7 @@ def write_expert(
         entry["ranges"] = [[r.start, r.end] for r in all_shard_ranges(_shape(param), world)]
         tensors[name] = entry
     stream = SafetensorsStream(tmp / rank_file(rank, world), specs, {"format": "pt", "exert_ds": FORMAT}, digest=True)
-    for name, param in params:  # pass 2: the bytes, one partition at a time
+    for name, param in tqdm(params, desc="write expert", unit="tensor", disable=rank != 0):  # pass 2: the bytes
         local = _local_values(param)
         if name in layouts:
             for key, piece in sparse_codec.encode(local, layouts[name]).items():
