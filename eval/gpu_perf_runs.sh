@@ -37,8 +37,9 @@ run() {  # NAME SECONDS LAUNCHER-ARGS... -- SCRIPT-ARGS...
   local t0=$(date +%s)
   timeout --kill-after=15 "$seconds" deepspeed "$@" "${extra[@]}" > "/tmp/perf_logs/$name.log" 2>&1
   local rc=$?
-  { echo "===== $name rc=$rc seconds=$(( $(date +%s) - t0 ))"; grep -v -e 'Warning' -e 'warnings.warn' -e '^\s*$' \
-      "/tmp/perf_logs/$name.log" | tail -n 40; } >> "$OUT/runs.log"
+  { echo "===== $name rc=$rc seconds=$(( $(date +%s) - t0 ))"; grep '^\[bench\]' "/tmp/perf_logs/$name.log" | cut -c1-400
+    echo "----- last lines"; grep -v -e 'Warning' -e 'warnings.warn' -e '^\s*$' -e '\[INFO\]' -e '^\[bench\]' \
+      "/tmp/perf_logs/$name.log" | tail -n 25 | cut -c1-400; } >> "$OUT/runs.log"
   echo "$name rc=$rc seconds=$(( $(date +%s) - t0 ))"
 }
 
