@@ -18,7 +18,7 @@ Run: deepspeed --num_gpus 2 eval/bench_70b_blocks.py --layers 3 --out r70.json
 from __future__ import annotations
 
 import torch
-from bench_common import memory_record, reset_peaks, sync, timed
+from bench_common import REPO, memory_record, reset_peaks, sync, timed
 from bench_scale import Bench, build_parser
 
 from exert_ds.architecture import decoder_layers
@@ -26,7 +26,7 @@ from exert_ds.calibration import capture_block_inputs, run_block
 from exert_ds.cli import shutdown_distributed
 
 DEFAULTS = {
-    "config_dir": "eval/configs/llama3_70b_shape",
+    "config_dir": str(REPO / "eval" / "configs" / "llama3_70b_shape"),
     "layers": 2,
     "warmup": 1,
     "steps": 2,
