@@ -11,12 +11,12 @@ weights from a config.json), measured in this order, each written to --out as so
    event, EMA from the second on, as in schedule.plan_events); wall-clock amortised per step with the events
    included, each event's seconds (and per block), peak memory per rank. The event / forward ratio uses
    these events (same calibration tokens as `forward`).
-4. `plain` again for each --variant (e.g. `nockpt:8`: no gradient checkpointing, micro-batch 8).
-5. `profile` (with --profile): torch.profiler tables of one training step and one prune event.
-6. `hessian_matmul` (CUDA only): XᵀX of one calibration micro-batch as the event forms it (float32 inputs)
+4. `hessian_matmul` (CUDA only): XᵀX of one calibration micro-batch as the event forms it (float32 inputs)
    against bf16 inputs with a float32 result (torch.mm out_dtype), time and difference; not used by the event.
-7. `pbs_precision` (CUDA only): PBS hessian on a gate- and a down-shaped matrix, float32 matmuls (as the event)
+5. `pbs_precision` (CUDA only): PBS hessian on a gate- and a down-shaped matrix, float32 matmuls (as the event)
    against TF32, time, error reduction and the difference in ΔB; not used by the event.
+6. `profile` (with --profile): torch.profiler tables of one training step and one prune event (PBS, EMA).
+7. `plain` again for each --variant (e.g. `nockpt:8`: no gradient checkpointing, micro-batch 8).
 
 FLOPs convention (MFU): N = elements of the frozen base model's linear weights (all projections and the LM
 head, no embedding, no LoRA). A frozen-base LoRA step costs 4N per token (forward 2N, input gradients 2N;
@@ -346,13 +346,13 @@ def main(argv: list[str] | None = None) -> None:
     bench.plain(args.grad_ckpt, args.micro_batch, "primary")
     bench.forward()
     bench.schedule(args.grad_ckpt)
-    for spec in args.variant:
-        ckpt, mb = parse_variant(spec)
-        bench.plain(ckpt, mb, spec)
     bench.hessian_matmul()
     bench.pbs_precision()
     if args.profile:
         bench.profile()
+    for spec in args.variant:  # last: the first to go when a time limit cuts the run short
+        ckpt, mb = parse_variant(spec)
+        bench.plain(ckpt, mb, spec)
     sync()
     shutdown_distributed()
     if bench.engine.global_rank == 0:
