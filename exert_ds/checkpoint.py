@@ -2,9 +2,11 @@
 
 A checkpoint directory holds DeepSpeed's own engine checkpoint for the trainable state (LoRA, optimizer,
 scheduler; frozen parameters excluded), one file per rank with that rank's partition of every pruned base
-weight stored sparse (packed bitmask of non-zeros + their values), its EMA score partitions and RNG states,
-and a manifest (world size, ranges, shapes, dtypes, position, config fingerprint, sha256 of every file).
-It is written to a hidden temporary directory, fsynced and renamed; `latest` is replaced last; the last K kept.
+weight stored sparse (packed bitmask of non-zeros + their values), its EMA score partitions, RNG states and its
+slice of the LoRA fp32 masters and Adam moments, and a manifest (world size, batch sizes, ranges, shapes, dtypes,
+position, config fingerprint, sha256 of every file). It is written to a hidden temporary directory, fsynced and
+renamed; `latest` is replaced last; the last K kept. At the writing world size a load restores every byte through
+DeepSpeed; at another one each rank re-cuts the per-rank files through the manifest's ranges (`_load_recut`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import json
 import os
 import random
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import deepspeed.comm as dist
@@ -22,18 +24,25 @@ import numpy as np
 import torch
 from deepspeed.accelerator import get_accelerator
 from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
+from deepspeed.utils import (
+    safe_get_local_fp32_param,
+    safe_get_local_optimizer_state,
+    safe_set_local_fp32_param,
+    safe_set_local_optimizer_state,
+)
 from torch import Tensor, nn
 
 from exert_ds.architecture import decoder_layers
 from exert_ds.config import ConfigError
 from exert_ds.lora import block_lora_layers, lora_parts
 from exert_ds.shard import all_shard_ranges
-from exert_ds.zero3 import local_values, write_partition
+from exert_ds.zero3 import local_range, local_values, write_partition
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
 ENGINE_TAG = "engine"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+MOMENTS = ("exp_avg", "exp_avg_sq")  # the Adam family's per-element state
 
 
 @dataclass(frozen=True)
@@ -70,6 +79,57 @@ def pruned_base_weights(model: nn.Module) -> dict[str, nn.Parameter]:
             weight = lora_parts(layer)[0]
             out[names[id(weight)]] = weight
     return out
+
+
+def trainable_params(model: nn.Module) -> dict[str, nn.Parameter]:
+    """name → every trained (LoRA) parameter."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def ema_keys(model: nn.Module) -> dict[str, str]:
+    """PruneState EMA key (block.role) → name of the base weight whose elements it scores."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {
+        f"{block}.{role}": names[id(lora_parts(layer)[0])]
+        for block in range(len(decoder_layers(model)))
+        for role, layer in block_lora_layers(model, block).items()
+    }
+
+
+def _moment(param: nn.Parameter, key: str) -> Tensor | None:
+    try:
+        return safe_get_local_optimizer_state(param, key)
+    except KeyError:  # no optimizer step yet: Adam creates its state lazily
+        return None
+
+
+def _trainable_state(engine) -> dict:
+    """This rank's valid slice of every LoRA parameter's fp32 master and Adam moments, by name: what a resume at
+    another world size re-cuts (DeepSpeed's own files hold them in a per-world flat layout)."""
+    out = {}
+    for name, param in trainable_params(engine.module).items():
+        valid = local_range(param).valid
+        entry = {"fp32": safe_get_local_fp32_param(param).reshape(-1)[:valid].cpu().clone()}
+        for key in MOMENTS:
+            moment = _moment(param, key)
+            if moment is not None:
+                entry[key] = moment.reshape(-1)[:valid].cpu().clone()
+        out[name] = entry
+    return out
+
+
+def _engine_scalars(engine) -> dict:
+    """World-size-free engine state: counters, scheduler, optimizer hyper-parameters and per-state scalars."""
+    basic = engine.optimizer.optimizer
+    first = next(iter(basic.state.values()), {})
+    return {
+        "global_steps": engine.global_steps,
+        "global_samples": engine.global_samples,
+        "skipped_steps": engine.skipped_steps,
+        "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None,
+        "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in basic.param_groups],
+        "state_scalars": {k: v for k, v in first.items() if k not in MOMENTS},
+    }
 
 
 def _sha256(path: Path) -> str:
@@ -133,6 +193,8 @@ def save_checkpoint(
         "weights": {n: pack_sparse(local_values(p)) for n, p in weights.items()},
         "ema": {k: v.cpu() for k, v in ema.items()},
         "rng": _rng_state(),
+        "trainable": _trainable_state(engine),
+        "engine": _engine_scalars(engine),
     }
     torch.save(base, tmp / _rank_file(rank))
     dist.barrier()  # all files are written
@@ -147,6 +209,8 @@ def save_checkpoint(
         manifest = {
             "format": FORMAT_VERSION,
             "world_size": world,
+            "micro_batch": engine.train_micro_batch_size_per_gpu(),
+            "train_batch_size": engine.train_batch_size(),
             "position": asdict(position),
             "config_fingerprint": fingerprint,
             "params": {
@@ -156,6 +220,13 @@ def save_checkpoint(
                     "ranges": [[r.start, r.end] for r in all_shard_ranges(tuple(p.ds_shape), world)],
                 }
                 for n, p in weights.items()
+            },
+            "trainable": {
+                n: {
+                    "shape": list(p.ds_shape),
+                    "ranges": [[r.start, r.end] for r in all_shard_ranges(tuple(p.ds_shape), world)],
+                }
+                for n, p in trainable_params(engine.module).items()
             },
             "files": {k: v for part in gathered for k, v in part.items()},
         }
@@ -186,22 +257,48 @@ def resolve_resume(root: Path, resume: str) -> Path | None:
     return path
 
 
-def _verify(path: Path, manifest: dict, rank: int, world: int, fingerprint: str) -> str | None:
-    """None if this rank's files are intact and belong to this run, else a one-line reason."""
+def _check_file(path: Path, rel: str, manifest: dict) -> str | None:
+    file = path / rel
+    if rel not in manifest["files"]:
+        return f"{file} is not in the manifest"
+    if not file.is_file() or _sha256(file) != manifest["files"][rel]:
+        return f"{file} is missing, truncated or altered (sha256 differs from the manifest)"
+    return None
+
+
+def _old_ranks_needed(manifest: dict, model: nn.Module, world: int, rank: int) -> list[int]:
+    """The writing ranks whose flat ranges overlap this rank's new range of any saved parameter."""
+    needed = set()
+    for table in (manifest["params"], manifest["trainable"]):
+        for entry in table.values():
+            new = all_shard_ranges(tuple(entry["shape"]), world)[rank]
+            needed |= {r for r, (lo, hi) in enumerate(entry["ranges"]) if max(lo, new.start) < min(hi, new.end)}
+    return sorted(needed | {0})  # rank 0's file also holds the engine scalars and the RNG every rank takes
+
+
+def _verify(path: Path, manifest: dict, rank: int, world: int, fingerprint: str, model: nn.Module) -> str | None:
+    """None if the files this rank reads are intact and belong to this run, else a one-line reason."""
+    if manifest.get("format") != FORMAT_VERSION:
+        return f"{path / MANIFEST} has format {manifest.get('format')}, this version reads {FORMAT_VERSION}"
     if manifest.get("config_fingerprint") != fingerprint:
         return f"{path / MANIFEST} was written by another run (config differs); resume with the config that wrote it"
-    if manifest["world_size"] != world:
-        return (
-            f"{path} was written by {manifest['world_size']} ranks, this run has {world}; resuming at another "
-            "world size is not implemented yet"
-        )
-    for rel in [_rank_file(rank), *(str(p.relative_to(path)) for p in _owned_engine_files(path, rank))]:
-        file = path / rel
-        if rel not in manifest["files"]:
-            return f"{file} is not in the manifest"
-        if not file.is_file() or _sha256(file) != manifest["files"][rel]:
-            return f"{file} is missing, truncated or altered (sha256 differs from the manifest)"
-    return None
+    if set(manifest["params"]) != set(pruned_base_weights(model)) or set(manifest["trainable"]) != set(
+        trainable_params(model)
+    ):
+        return f"{path / MANIFEST} lists other parameters than this model has (model or LoRA targets differ)"
+    if manifest["world_size"] == world:
+        files = [_rank_file(rank), *(str(p.relative_to(path)) for p in _owned_engine_files(path, rank))]
+    else:
+        files = [_rank_file(r) for r in _old_ranks_needed(manifest, model, world, rank)]
+    return next((problem for rel in files if (problem := _check_file(path, rel, manifest))), None)
+
+
+def _recut(fragments: dict[int, Tensor], ranges: list[list[int]], lo: int, hi: int) -> Tensor:
+    """Flat elements [lo, hi) assembled from the writing ranks' slices (`fragments[r]` holds ranges[r])."""
+    parts = [
+        fragments[r][max(lo, a) - a : min(hi, b) - a] for r, (a, b) in enumerate(ranges) if max(lo, a) < min(hi, b)
+    ]
+    return torch.cat(parts) if parts else torch.empty(0)
 
 
 @torch.no_grad()
@@ -247,22 +344,93 @@ def replay_adam_step_counter(optimizer: torch.optim.Optimizer) -> None:
 
 
 def load_checkpoint(engine, path: Path, fingerprint: str) -> tuple[TrainPosition, dict[str, Tensor]]:
-    """Collective: verify, restore DeepSpeed's trainable state, the sparse base partitions, RNG; returns the
-    position and the EMA state. Every rank raises the same ConfigError if any rank's files are bad."""
+    """Collective: verify, restore the trainable state, the sparse base partitions, RNG; returns the position
+    and the EMA state. Every rank raises the same ConfigError if any rank's files are bad.
+
+    At the writing world size DeepSpeed's engine checkpoint restores the trainable state byte for byte; at another
+    one every per-rank file is re-cut through the manifest's ranges (`_load_recut`)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     manifest_file = path / MANIFEST
     if not manifest_file.is_file():
         raise ConfigError(f"{manifest_file} is missing; {path} is not a complete checkpoint")
     manifest = json.loads(manifest_file.read_text())
     problems: list[str | None] = [None] * world
-    dist.all_gather_object(problems, _verify(path, manifest, rank, world, fingerprint))
+    dist.all_gather_object(problems, _verify(path, manifest, rank, world, fingerprint, engine.module))
     problem = next((p for p in problems if p), None)
     if problem:
         raise ConfigError(problem)
+    position = TrainPosition(**manifest["position"])
+    if manifest["world_size"] != world:
+        return _load_recut(engine, path, manifest, position)
     engine.load_checkpoint(str(path), tag=ENGINE_TAG, load_module_strict=False)
     replay_adam_step_counter(engine.optimizer.optimizer)
     base = torch.load(path / _rank_file(rank), weights_only=False)
     for name, param in pruned_base_weights(engine.module).items():
         write_partition(param, unpack_sparse(base["weights"][name]).to(param.ds_tensor.device))
     _set_rng_state(base["rng"])
-    return TrainPosition(**manifest["position"]), base["ema"]
+    return position, base["ema"]
+
+
+def _padded(param: nn.Parameter, values: Tensor) -> Tensor:
+    out = torch.zeros(param.ds_tensor.numel(), dtype=torch.float32, device=param.ds_tensor.device)
+    out[: values.numel()] = values
+    return out
+
+
+@torch.no_grad()
+def _load_recut(engine, path: Path, manifest: dict, position: TrainPosition) -> tuple[TrainPosition, dict[str, Tensor]]:
+    """Resume at another world size. Each rank loads (memory-mapped) only the writing ranks' files whose ranges
+    overlap its own and assembles its new partition of every base weight, EMA score, LoRA fp32 master and Adam
+    moment from their fragments; the engine's counters, scheduler and optimizer hyper-parameters are world-size
+    free. The data position is kept as the same number of samples into the epoch (the run needs the same
+    train_batch_size). Every rank takes writing rank 0's RNG states: all ranks are seeded alike and draw alike."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    micro = engine.train_micro_batch_size_per_gpu()
+    samples = position.micro * manifest["micro_batch"] * manifest["world_size"]
+    if engine.train_batch_size() != manifest["train_batch_size"] or samples % (micro * world):
+        raise ConfigError(
+            f"{path} was written with train_batch_size {manifest['train_batch_size']} on {manifest['world_size']} "
+            f"ranks; this run has {engine.train_batch_size()} on {world}: keep the DeepSpeed train_batch_size "
+            "(set it and train_micro_batch_size_per_gpu, leave gradient_accumulation_steps out) to change world size"
+        )
+    files = {
+        r: torch.load(path / _rank_file(r), weights_only=False, mmap=True, map_location="cpu")
+        for r in _old_ranks_needed(manifest, engine.module, world, rank)
+    }
+    for name, param in pruned_base_weights(engine.module).items():
+        rng, ranges = local_range(param), manifest["params"][name]["ranges"]
+        fragments = {r: unpack_sparse(f["weights"][name]) for r, f in files.items()}
+        write_partition(param, _recut(fragments, ranges, rng.start, rng.end).to(param.ds_tensor.device))
+    ema = {}
+    for key, name in ema_keys(engine.module).items():
+        if key in files[0]["ema"]:
+            ranges = manifest["params"][name]["ranges"]
+            rng = all_shard_ranges(tuple(manifest["params"][name]["shape"]), world)[rank]
+            ema[key] = _recut({r: f["ema"][key] for r, f in files.items()}, ranges, rng.start, rng.end).clone()
+    scalars = files[0]["engine"]
+    basic = engine.optimizer.optimizer
+    trained = trainable_params(engine.module)
+    has_moments = all(k in files[0]["trainable"][next(iter(trained))] for k in MOMENTS)
+    if has_moments:  # Adam's state is created lazily at the first step: create it as the optimizer would
+        for flat in engine.optimizer.fp32_partitioned_groups_flat:
+            basic.state[flat] = {**scalars["state_scalars"], **{k: torch.zeros_like(flat) for k in MOMENTS}}
+    for name, param in trained.items():
+        rng, ranges = local_range(param), manifest["trainable"][name]["ranges"]
+
+        keys = ("fp32", *(MOMENTS if has_moments else ()))
+        piece = {
+            k: _recut({r: f["trainable"][name][k] for r, f in files.items()}, ranges, rng.start, rng.end) for k in keys
+        }
+        write_partition(param, piece["fp32"].to(param.ds_tensor.device))
+        safe_set_local_fp32_param(param, _padded(param, piece["fp32"]))
+        for key in keys[1:]:
+            safe_set_local_optimizer_state(param, _padded(param, piece[key]), key)
+    for group, saved in zip(basic.param_groups, scalars["param_groups"], strict=True):
+        group.update(saved)
+    if engine.lr_scheduler is not None and scalars["lr_scheduler"] is not None:
+        engine.lr_scheduler.load_state_dict(scalars["lr_scheduler"])
+    engine.global_steps, engine.global_samples = scalars["global_steps"], scalars["global_samples"]
+    engine.skipped_steps = scalars["skipped_steps"]
+    replay_adam_step_counter(basic)
+    _set_rng_state(files[0]["rng"])
+    return replace(position, micro=samples // (micro * world)), ema

@@ -38,8 +38,17 @@ def load_ds_config(source: str | dict[str, Any], world_size: int) -> dict[str, A
             f"DeepSpeed config: zero_optimization.stage is {stage!r}; exert_ds prunes ZeRO-3 partitions, set it to 3"
         )
     micro = ds.get("train_micro_batch_size_per_gpu")
-    accumulation = ds.get("gradient_accumulation_steps", 1)
     total = ds.get("train_batch_size")
+    accumulation = ds.get("gradient_accumulation_steps", 1)
+    if "gradient_accumulation_steps" not in ds and isinstance(total, int) and isinstance(micro, int) and micro > 0:
+        # DeepSpeed's rule: train_batch_size and the micro batch fix the accumulation for this world size, so one
+        # config keeps the global batch (and a checkpoint's trajectory) when the run resumes on another world size
+        if total % (micro * world_size):
+            raise ConfigError(
+                f"DeepSpeed config: train_batch_size {total} != train_micro_batch_size_per_gpu {micro} × world size "
+                f"{world_size} × a whole number of gradient_accumulation_steps; change one of them"
+            )
+        accumulation = ds["gradient_accumulation_steps"] = total // (micro * world_size)
     for key, value in (("train_micro_batch_size_per_gpu", micro), ("gradient_accumulation_steps", accumulation)):
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ConfigError(f"DeepSpeed config: {key} must be a positive integer, got {value!r}")

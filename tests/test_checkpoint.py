@@ -1,14 +1,23 @@
-"""Sharded sparse checkpoints: exact resume at the same world size, integrity checks (zero3.md)."""
+"""Sharded sparse checkpoints: bit-identical resume from any checkpoint and after kill -9, integrity (zero3.md)."""
 
+import contextlib
+import json
+import os
+import random
 import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from exert_ds.checkpoint import pack_sparse, unpack_sparse
 from tests.fixtures import run_yaml
-from tests.launch import deepspeed_cpu
+from tests.launch import REPO, cpu_env, deepspeed_cpu, free_port
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -26,46 +35,213 @@ def loss_lines(output: str) -> dict[int, str]:
     return {int(line.split(":")[0]): line.split(", lr")[0] for line in lines}
 
 
-@pytest.mark.distributed
-def test_resume_is_exact_at_the_same_world_size(tmp_path):
-    """Resume from the checkpoint after step 3 (before the EMA event at step 4): the later losses and the final
-    weights are bit-identical to the uninterrupted run; `latest` and keep-K behave; a damaged file is named."""
+def checkpoint_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor in every .pt file of one checkpoint (engine state, base partitions, EMA, RNG), by path."""
+    out = {}
+
+    def walk(value, key):
+        if isinstance(value, torch.Tensor):
+            out[key] = value
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{key}/{k}")
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                walk(v, f"{key}[{i}]")
+
+    for file in sorted(folder.rglob("*.pt")):
+        walk(torch.load(file, weights_only=False, map_location="cpu"), str(file.relative_to(folder)))
+    return out
+
+
+def assert_same_checkpoints(reference: Path, resumed: Path, names: list[str]) -> None:
+    """The named checkpoints of a resumed run hold bit-identical tensors to the uninterrupted run's."""
+    for name in names:
+        a, b = checkpoint_tensors(reference / name), checkpoint_tensors(resumed / name)
+        assert a.keys() == b.keys(), name
+        differ = [k for k in a if a[k].shape != b[k].shape or not torch.equal(a[k], b[k])]
+        assert not differ, f"{name}: {differ[:5]}"
+
+
+def train_args(config: Path, *extra: str) -> list[str]:
+    return ["--module", "exert_ds", "train", "--config", str(config), *extra]
+
+
+def reference_run(tmp: Path, lora_dropout: float) -> tuple[Path, Path, dict[int, str], list[str]]:
+    """One 2-rank run of 6 steps with events before steps 2 and 4 and at the end and a checkpoint after every step
+    and event (9 in all), kept as the reference. The DeepSpeed config fixes train_batch_size (4) and the micro
+    batch, so one rank accumulates 2 micro-batches per step: the same global batch at either world size."""
+    ds = json.loads((REPO / "ds_configs" / "zero3_cpu.json").read_text())
+    ds.pop("gradient_accumulation_steps")
+    (tmp / "ds.json").write_text(json.dumps({**ds, "train_batch_size": 4, "train_micro_batch_size_per_gpu": 2}))
     config = run_yaml(
-        tmp_path,
+        tmp,
+        deepspeed=str(tmp / "ds.json"),
+        lora={"r": 4, "lora_alpha": 8, "lora_dropout": lora_dropout},
         prune={"sparsity": 0.5, "every_steps": 2},
         train={"max_steps": 6, "save_every_steps": 1, "keep_checkpoints": 20},
     )
-    whole = deepspeed_cpu(["--module", "exert_ds", "train", "--config", str(config)], ranks=2)
-    run = tmp_path / "run"
-    shutil.copytree(run / "final", tmp_path / "final_whole")
-    checkpoints = sorted(p.name for p in (run / "checkpoints").glob("step-*"))
-    assert (run / "checkpoints" / "latest").read_text() == checkpoints[-1] == "step-00000006-event-003"
-    resumed = deepspeed_cpu(
-        [
-            "--module",
-            "exert_ds",
-            "train",
-            "--config",
-            str(config),
-            "--resume",
-            str(run / "checkpoints" / "step-00000003-event-001"),
-            "--set",
-            "train.keep_checkpoints=2",
-        ],
-        ranks=2,
-    )
-    before, after = loss_lines(whole.stdout), loss_lines(resumed.stdout)
-    assert sorted(after) == [4, 5, 6] and all(after[s] == before[s] for s in after)
-    a, b = load_file(tmp_path / "final_whole" / "model.safetensors"), load_file(run / "final" / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert len(list((run / "checkpoints").glob("step-*"))) == 2
+    proc = deepspeed_cpu(train_args(config), ranks=2)
+    root = tmp / "run" / "checkpoints"
+    names = sorted(p.name for p in root.glob("step-*"))
+    assert (root / "latest").read_text() == names[-1] == "step-00000006-event-003" and len(names) == 9
+    shutil.copytree(root, tmp / "reference")
+    return config, tmp / "reference", loss_lines(proc.stdout), names
 
-    latest = run / "checkpoints" / (run / "checkpoints" / "latest").read_text()
-    damaged = latest / "base-rank00001.pt"
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The reference run with LoRA dropout on, so that the RNG states matter."""
+    return reference_run(tmp_path_factory.mktemp("resume"), lora_dropout=0.1)
+
+
+def fresh_checkpoints(reference: Path, root: Path, upto: str | None) -> None:
+    """The run's checkpoint folder as it was when checkpoint `upto` had just been written (None: empty)."""
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    if upto is None:
+        return
+    for name in sorted(p.name for p in reference.glob("step-*")):
+        if name <= upto:
+            shutil.copytree(reference / name, root / name)
+    (root / "latest").write_text(upto)
+
+
+def start_in_own_group(config: Path, *extra: str) -> tuple[subprocess.Popen, list[str], threading.Thread]:
+    """The deepspeed launcher and its 2 ranks in a new process group; output collected by a thread."""
+    launcher = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
+    cmd = [launcher, "--num_gpus", "2", "--master_port", str(free_port()), *train_args(config, *extra)]
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    chunks: list[str] = []
+
+    def read() -> None:
+        while data := os.read(proc.stdout.fileno(), 1 << 16):
+            chunks.append(data.decode(errors="replace"))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    return proc, chunks, reader
+
+
+def kill_when(trigger, config: Path, *extra: str) -> str:
+    """Run training and SIGKILL the launcher's whole process group as soon as `trigger(output)` holds."""
+    proc, chunks, reader = start_in_own_group(config, *extra)
+    try:
+        deadline = time.monotonic() + 900
+        while not trigger("".join(chunks)):
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(chunks)[-4000:]
+            time.sleep(0.002)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        reader.join(timeout=60)
+    assert not reader.is_alive(), "a rank outlived the kill"  # every holder of the output pipe is gone
+    return "".join(chunks)
+
+
+@pytest.mark.distributed
+def test_kill_9_anywhere_then_resume_is_bit_identical(uninterrupted):
+    """One run, SIGKILLed (whole launcher process group) three times and resumed: (a) right after a random step,
+    (b) while checkpoint step 3 is being written (its temporary folder exists), (c) inside prune event 1 (its
+    progress bar drawn, its summary line not); after each kill `latest` names a complete checkpoint. Then `latest`
+    is damaged: `--resume auto` stops with one line naming the file on both ranks, and the previous checkpoint
+    resumes. Every resumed segment logs the uninterrupted run's losses and writes bit-identical checkpoints
+    (LoRA, fp32 masters, Adam moments, base partitions, EMA, RNG); no temporary folder is left."""
+    config, reference, losses, names = uninterrupted
+    root = config.parent / "run" / "checkpoints"
+    fresh_checkpoints(reference, root, None)
+    step = random.Random().randint(1, 2)
+    kills = [
+        ("step", lambda out: f"step {step}: loss" in out),
+        ("checkpoint-write", lambda out: (root / ".step-00000003-event-001.tmp").is_dir()),
+        ("event", lambda out: "prune event 1:" in out),  # tqdm's bar of event 1 (rank 0), drawn as it starts
+    ]
+    latest = None  # before the first kill: none yet (a kill right after step 1 may also leave none)
+    for moment, trigger in kills:
+        output = kill_when(trigger, config, "--resume", "auto")
+        now = (root / "latest").read_text() if (root / "latest").is_file() else None
+        if latest:
+            assert f"resumed from {root / latest}" in output
+        assert_same_checkpoints(reference, root, [n for n in names if (latest or "") < n <= (now or "")])
+        after = loss_lines(output)
+        assert all(after[s] == losses[s] for s in after), (moment, step)
+        latest = now
+        assert latest is None or (root / latest / "manifest.json").is_file(), (moment, latest)
+        if moment == "checkpoint-write":
+            assert latest == "step-00000002-event-001" and (root / ".step-00000003-event-001.tmp").is_dir()
+        if moment == "event":
+            assert "prune event 1 before step" not in output and latest == "step-00000004-event-001", latest
+
+    damaged = root / latest / "base-rank00001.pt"
     damaged.write_bytes(damaged.read_bytes()[:-10])
     with pytest.raises(AssertionError) as failed:
-        deepspeed_cpu(["--module", "exert_ds", "train", "--config", str(config), "--resume", "auto"], ranks=2)
-    assert str(failed.value).count(f"{damaged} is missing, truncated or altered") >= 2
+        deepspeed_cpu(train_args(config, "--resume", "auto"), ranks=2)
+    assert str(failed.value).count(f"exert-ds: error: {damaged} is missing, truncated or altered") == 2
+    previous = "step-00000003-event-001"
+    proc = deepspeed_cpu(
+        train_args(config, "--resume", str(root / previous), "--set", "train.keep_checkpoints=2"), ranks=2
+    )
+    after = loss_lines(proc.stdout)
+    assert sorted(after) == [4, 5, 6] and all(after[s] == losses[s] for s in after)
+    assert sorted(p.name for p in root.glob("step-*")) == names[-2:]
+    assert_same_checkpoints(reference, root, names[-2:])
+    assert not list(root.glob(".*.tmp"))
+
+
+def full_base_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """Every pruned base weight of a checkpoint, whole: the ranks' sparse partitions joined in rank order."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    files = [torch.load(folder / f"base-rank{r:05d}.pt", weights_only=False) for r in range(manifest["world_size"])]
+    return {
+        name: torch.cat([unpack_sparse(f["weights"][name]) for f in files]).view(entry["shape"])
+        for name, entry in manifest["params"].items()
+    }
+
+
+def assert_close_same_masks(reference: Path, other: Path) -> None:
+    a, b = full_base_weights(reference), full_base_weights(other)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name] == 0, b[name] == 0), name
+        assert (a[name] - b[name]).abs().max() <= 1e-6 * a[name].abs().max(), name
+
+
+@pytest.mark.distributed
+def test_resume_at_another_world_size(tmp_path):
+    """2→1: the 2-rank run's checkpoint after step 3 resumes on 1 rank (which accumulates 2 micro-batches: the same
+    global batch of 4 samples); 1→2: the checkpoint that 1-rank run wrote after step 5 resumes on 2 ranks. Each ends
+    with the uninterrupted 2-rank run's masks and base weights equal to ≤1e-6 relative (only the order of float
+    sums differs) and the same losses to the 4 digits logged. No dropout: its draws depend on how the samples are
+    spread over ranks. A checkpoint of another config is refused with one line on both ranks."""
+    config, reference, losses, names = reference_run(tmp_path, lora_dropout=0.0)
+    root = config.parent / "run" / "checkpoints"
+    fresh_checkpoints(reference, root, "step-00000003-event-001")
+    one = deepspeed_cpu(train_args(config, "--resume", "auto"), ranks=1)
+    assert sorted(loss_lines(one.stdout)) == [4, 5, 6]
+    assert all(
+        abs(float(line.split("loss ")[1]) - float(losses[s].split("loss ")[1])) <= 1e-3
+        for s, line in loss_lines(one.stdout).items()
+    )
+    final = "step-00000006-event-003"
+    assert json.loads((root / final / "manifest.json").read_text())["world_size"] == 1
+    assert_close_same_masks(reference / final, root / final)
+
+    for name in names:
+        if name > "step-00000005-event-002":
+            shutil.rmtree(root / name)
+    (root / "latest").write_text("step-00000005-event-002")
+    two = deepspeed_cpu(train_args(config, "--resume", "auto"), ranks=2)
+    assert sorted(loss_lines(two.stdout)) == [6]
+    assert json.loads((root / final / "manifest.json").read_text())["world_size"] == 2
+    assert_close_same_masks(reference / final, root / final)
+
+    with pytest.raises(AssertionError) as failed:  # a checkpoint of another run (here: another EMA η)
+        deepspeed_cpu(train_args(config, "--resume", "auto", "--set", "prune.ema_eta=0.3"), ranks=2)
+    manifest = root / final / "manifest.json"
+    assert str(failed.value).count(f"exert-ds: error: {manifest} was written by another run") == 2
 
 
 def test_replayed_adam_step_counter_makes_cpu_adam_resume_bit_identical():
