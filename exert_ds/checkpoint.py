@@ -184,7 +184,8 @@ def save_checkpoint(
     name = f"step-{position.step:08d}-event-{position.events_done:03d}"
     final, tmp = root / name, root / f".{name}.tmp"
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for partial in root.glob(".step-*.tmp"):  # left by a run killed while writing (only one run writes here)
+            shutil.rmtree(partial, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
     engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, save_latest=False, exclude_frozen_parameters=True)
@@ -282,10 +283,10 @@ def _verify(path: Path, manifest: dict, rank: int, world: int, fingerprint: str,
         return f"{path / MANIFEST} has format {manifest.get('format')}, this version reads {FORMAT_VERSION}"
     if manifest.get("config_fingerprint") != fingerprint:
         return f"{path / MANIFEST} was written by another run (config differs); resume with the config that wrote it"
-    if set(manifest["params"]) != set(pruned_base_weights(model)) or set(manifest["trainable"]) != set(
-        trainable_params(model)
-    ):
-        return f"{path / MANIFEST} lists other parameters than this model has (model or LoRA targets differ)"
+    shapes = {n: list(p.ds_shape) for n, p in {**pruned_base_weights(model), **trainable_params(model)}.items()}
+    saved = {n: e["shape"] for table in (manifest["params"], manifest["trainable"]) for n, e in table.items()}
+    if saved != shapes:
+        return f"{path / MANIFEST} lists other parameters or shapes than this model has (model or LoRA targets differ)"
     if manifest["world_size"] == world:
         files = [_rank_file(rank), *(str(p.relative_to(path)) for p in _owned_engine_files(path, rank))]
     else:
