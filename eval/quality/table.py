@@ -1,6 +1,5 @@
-"""eval/results/quality.md (+ quality.json) from the raw JSON of run_all.py — the one command that regenerates it.
-
-  python3 eval/quality/table.py RAW_JSON [--analysis eval/quality/analysis.md] [--out eval/results/quality]
+"""eval/results/quality.md (+ quality.json, the tables) from the raw JSON of run_all.py — the one command that
+regenerates them:  python3 eval/quality/table.py eval/results/quality_raw.json
 
 Per domain and sparsity, the relative-performance table of evaluation.md (exert_ds.compare) against the dense
 LoRA expert of the same domain, for accuracy and macro-F1, with the measured sparsity of every row; then the
@@ -106,7 +105,7 @@ def main() -> None:
         lines += ["", args.analysis.read_text().strip(), ""]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{args.out}.md").write_text("\n".join(lines) + "\n")
-    Path(f"{args.out}.json").write_text(json.dumps({"raw": raw, "tables": tables}, indent=1))
+    Path(f"{args.out}.json").write_text(json.dumps({"raw_file": str(args.raw), "tables": tables}, indent=1))
     print(f"wrote {args.out}.md and {args.out}.json")
 
 
