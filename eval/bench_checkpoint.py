@@ -144,6 +144,11 @@ def main() -> None:
         "largest_tensor_bytes": largest,
     }
 
+    def save() -> None:  # after every phase, so a time limit keeps what was measured (rank 0)
+        if rank == 0:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(results, indent=2))
+
     root = work / "checkpoints"
     position = TrainPosition(step=1, events_done=1)
     write_s, path = timed(lambda: save_checkpoint(engine, {}, position, root, "bench", keep=1))
@@ -163,6 +168,7 @@ def main() -> None:
             "write_GBps": total / write_s / GB,
             "read_GBps": total / read_s / GB,
         }
+    save()
 
     expert_dir = work / "expert"
     expert_s, _ = timed(lambda: write_expert(engine.module, _NoTokenizer(), expert_dir, sparsity=args.sparsity))
@@ -182,6 +188,7 @@ def main() -> None:
             "write_GBps": written / expert_s / GB,
             "files": len(manifest["files"]),
         }
+        save()
         probe = subprocess.run(
             [sys.executable, "-c", EXPORT_PROBE, str(expert_dir), str(work / "hf"), args.max_shard_size],
             cwd=REPO,
@@ -201,8 +208,7 @@ def main() -> None:
             / largest,
         }
         results["export"] = export
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=2))
+        save()
         print(json.dumps(results, indent=2))
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
