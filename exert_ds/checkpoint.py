@@ -32,6 +32,7 @@ from deepspeed.utils import (
 )
 from torch import Tensor, nn
 
+from exert_ds import sparse_codec
 from exert_ds.architecture import decoder_layers
 from exert_ds.config import ConfigError
 from exert_ds.lora import block_lora_layers, lora_parts
@@ -41,7 +42,7 @@ from exert_ds.zero3 import local_range, local_values, write_partition
 MANIFEST = "manifest.json"
 LATEST = "latest"
 ENGINE_TAG = "engine"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 MOMENTS = ("exp_avg", "exp_avg_sq")  # the Adam family's per-element state
 
 
@@ -56,17 +57,16 @@ class TrainPosition:
     dense_perplexity: float | None = None  # measured before any training, kept for the final report
 
 
-def pack_sparse(values: Tensor) -> dict[str, Tensor | int]:
-    """Non-zeros of a flat tensor: a packed bitmask (1 bit per element) and the kept values in order."""
-    flat = values.detach().reshape(-1).cpu()
-    keep = flat != 0
-    return {"mask": torch.from_numpy(np.packbits(keep.numpy())), "values": flat[keep].clone(), "numel": flat.numel()}
+def pack_sparse(values: Tensor) -> dict[str, Tensor | int | torch.dtype]:
+    """Non-zeros of a flat tensor in the expert's sparse storage (exert_ds/sparse_codec.py: packed bitmask + kept
+    values with their top byte 4-bit coded), so a checkpoint's base is as small as the final expert's."""
+    flat = values.detach().reshape(-1)
+    return {"numel": flat.numel(), "dtype": flat.dtype, **sparse_codec.encode(flat, sparse_codec.plan(flat))}
 
 
-def unpack_sparse(packed: dict[str, Tensor | int]) -> Tensor:
-    keep = np.unpackbits(packed["mask"].numpy(), count=int(packed["numel"])).astype(bool)
-    out = torch.zeros(int(packed["numel"]), dtype=packed["values"].dtype)
-    out[torch.from_numpy(keep)] = packed["values"]
+def unpack_sparse(packed: dict[str, Tensor | int | torch.dtype]) -> Tensor:
+    out = torch.empty(int(packed["numel"]), dtype=packed["dtype"])
+    sparse_codec.decode_into(out, packed.__getitem__)
     return out
 
 

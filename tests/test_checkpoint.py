@@ -26,8 +26,9 @@ def test_sparse_pack_round_trip_and_size(dtype):
     values[torch.randperm(1001, generator=torch.Generator().manual_seed(0))[:500]] = 0
     packed = pack_sparse(values)
     assert torch.equal(unpack_sparse(packed), values)
-    stored = packed["values"].numel() * packed["values"].element_size() + packed["mask"].numel()
-    assert stored <= 0.57 * values.numel() * values.element_size()  # 50% zeros: values + 1 bit per element
+    stored = sum(v.numel() * v.element_size() for v in packed.values() if isinstance(v, torch.Tensor))
+    limit = 0.56 if dtype == torch.bfloat16 else 0.57  # issue 4.6: a bf16 base at 50% ≤ 0.56× dense
+    assert stored <= limit * values.numel() * values.element_size()
 
 
 def loss_lines(output: str) -> dict[int, str]:
