@@ -6,10 +6,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
-
-from tests.fixtures import WORDS, write_jsonl
+from tests.fixtures import WORDS, save_tokenizer, write_jsonl
 from tests.tiny_models import tiny_model
 
 LABEL_WORDS = "yes no maybe Yes No information symptoms treatment genetic changes Permissive Copyleft".split()
@@ -18,14 +15,7 @@ PROMPT_WORDS = "Context Question Answer or Clause Is this a clause type License 
 
 def save_eval_model_dir(out: Path, family: str = "llama-odd", seed: int = 0) -> Path:
     """A tiny random model + a word-level tokenizer over the test words, label words and prompt words."""
-    words = list(dict.fromkeys([*WORDS, *LABEL_WORDS, *PROMPT_WORDS]))
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, ".": 3, **{w: i + 4 for i, w in enumerate(words)}}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>"
-    )
-    tokenizer.save_pretrained(out)
+    tokenizer = save_tokenizer(out, list(dict.fromkeys([*WORDS, *LABEL_WORDS, *PROMPT_WORDS])))
     tiny_model(family, layers=2, vocab=len(tokenizer), seed=seed).save_pretrained(out)
     return out
 

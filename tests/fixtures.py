@@ -22,9 +22,9 @@ def health_sentences(count: int, seed: int = 0) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 20))) + "." for _ in range(count)]
 
 
-def save_tokenizer(out: Path) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over WORDS (offline, deterministic) saved as an HF directory."""
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, ".": 3, **{w: i + 4 for i, w in enumerate(WORDS)}}
+def save_tokenizer(out: Path, words: list[str] = WORDS) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over `words` (offline, deterministic) saved as an HF directory."""
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, ".": 3, **{w: i + 4 for i, w in enumerate(words)}}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(
