@@ -247,15 +247,30 @@ def save_checkpoint(
     return final
 
 
-def resolve_resume(root: Path, resume: str) -> Path | None:
-    """`auto`: the checkpoint `latest` names, or None when there is none; otherwise a checkpoint directory."""
+def resolve_resume(root: Path, resume: str, fingerprint: str) -> Path | None:
+    """`auto`: the checkpoint `latest` names, or None when there is none; otherwise a checkpoint directory.
+    Checks the manifest's format and config fingerprint here, before any process group starts."""
     if resume == "auto":
         latest = root / LATEST
-        return root / latest.read_text().strip() if latest.is_file() else None
-    path = Path(resume)
+        if not latest.is_file():
+            return None
+        path = root / latest.read_text().strip()
+    else:
+        path = Path(resume)
     if not (path / MANIFEST).is_file():
-        raise ConfigError(f"--resume {resume}: no {MANIFEST} there; give a checkpoint directory or 'auto'")
+        raise ConfigError(f"--resume {resume}: no {MANIFEST} in {path}; give a checkpoint directory or 'auto'")
+    problem = _manifest_problem(path, json.loads((path / MANIFEST).read_text()), fingerprint)
+    if problem:
+        raise ConfigError(f"--resume {resume}: {problem}")
     return path
+
+
+def _manifest_problem(path: Path, manifest: dict, fingerprint: str) -> str | None:
+    if manifest.get("format") != FORMAT_VERSION:
+        return f"{path / MANIFEST} has format {manifest.get('format')}, this version reads {FORMAT_VERSION}"
+    if manifest.get("config_fingerprint") != fingerprint:
+        return f"{path / MANIFEST} was written by another run (config differs); resume with the config that wrote it"
+    return None
 
 
 def _check_file(path: Path, rel: str, manifest: dict) -> str | None:
@@ -279,10 +294,9 @@ def _old_ranks_needed(manifest: dict, model: nn.Module, world: int, rank: int) -
 
 def _verify(path: Path, manifest: dict, rank: int, world: int, fingerprint: str, model: nn.Module) -> str | None:
     """None if the files this rank reads are intact and belong to this run, else a one-line reason."""
-    if manifest.get("format") != FORMAT_VERSION:
-        return f"{path / MANIFEST} has format {manifest.get('format')}, this version reads {FORMAT_VERSION}"
-    if manifest.get("config_fingerprint") != fingerprint:
-        return f"{path / MANIFEST} was written by another run (config differs); resume with the config that wrote it"
+    problem = _manifest_problem(path, manifest, fingerprint)
+    if problem:
+        return problem
     shapes = {n: list(p.ds_shape) for n, p in {**pruned_base_weights(model), **trainable_params(model)}.items()}
     saved = {n: e["shape"] for table in (manifest["params"], manifest["trainable"]) for n, e in table.items()}
     if saved != shapes:

@@ -318,11 +318,11 @@ def finish(session: Session, dense_ppl: float | None, pruned: bool) -> Path | No
 def train(cfg: RunConfig, resume: str | None = None) -> Path | None:
     """The EfficientXpert run: LoRA training with prune events; writes the merged sparse expert.
     Checkpoints every `train.save_every_steps`, after every event and at the end; `resume` continues one."""
+    root = Path(cfg.train.output_dir) / "checkpoints"
+    found = resolve_resume(root, resume, cfg.fingerprint()) if resume else None  # before any process group
     session = build_session(cfg, with_training_data=True)
     engine, loader, logger = session.engine, session.loader, session.logger
-    root = session.out_dir / "checkpoints"
     position = TrainPosition()
-    found = resolve_resume(root, resume) if resume else None
     if found:
         position, ema = load_checkpoint(engine, found, cfg.fingerprint())
         session.events.state = PruneState(events_done=position.events_done, ema=ema)

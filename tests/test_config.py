@@ -1,9 +1,11 @@
 """Bad input gets one line naming the key and the fix, before any process group starts."""
 
+import json
 from pathlib import Path
 
 import pytest
 
+from exert_ds.checkpoint import FORMAT_VERSION
 from exert_ds.cli import main
 from exert_ds.config import ConfigError, load_config, parse_yaml
 from exert_ds.ds_config import load_ds_config
@@ -145,3 +147,20 @@ def test_off_in_yaml_and_set_is_the_string_off(tmp_path):
     assert load_config(config).pbs.mode == "off"
     assert load_config(run_yaml(tmp_path), {"pbs.mode": parse_yaml("off")}).pbs.mode == "off"
     assert parse_yaml("true") is True and parse_yaml("no") == "no"
+
+
+def test_resume_from_another_run_is_refused_before_any_work(tmp_path, capsys):
+    """A checkpoint whose manifest has another config fingerprint (or no manifest) stops `train --resume` with one
+    line before the process group starts; nothing is written."""
+    config = run_yaml(tmp_path)
+    checkpoint = tmp_path / "elsewhere" / "step-00000001-event-000"
+    checkpoint.mkdir(parents=True)
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(config), "--resume", str(checkpoint)]) == 2
+    assert "no manifest.json in" in capsys.readouterr().err
+    manifest = {"format": FORMAT_VERSION, "config_fingerprint": "another run"}
+    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["train", "--config", str(config), "--resume", str(checkpoint)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "was written by another run (config differs)" in err, err
+    assert not out.exists()
