@@ -299,6 +299,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="eval/results/perf.md")
     parser.add_argument("runs", nargs="+", help="JSON files written by bench_scale.py / bench_70b_blocks.py")
+    parser.add_argument(
+        "--analysis", default=None, help="a hand-written markdown reading of the runs, appended (eval/perf_analysis.md)"
+    )
     args = parser.parse_args(argv)
     docs = []
     for path in args.runs:
@@ -306,7 +309,10 @@ def main(argv: list[str] | None = None) -> None:
             docs.append(load(path))
         except (OSError, json.JSONDecodeError) as err:
             print(f"perf_table: skipping {path}: {err}")
-    Path(args.out).write_text(render(docs))
+    text = render(docs)
+    if args.analysis:
+        text += "\n" + Path(args.analysis).read_text()
+    Path(args.out).write_text(text)
     print(f"wrote {args.out} from {len(docs)} runs")
 
 
