@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 from exert_ds.config import ConfigError, load_config, parse_yaml
 from exert_ds.evaluate import add_eval_parser, eval_command
@@ -28,7 +30,17 @@ def shutdown_distributed() -> None:
 
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
+        rank = torch.distributed.get_rank()
         torch.distributed.destroy_process_group()
+        remove_deepspeed_shm_buffer(rank)
+
+
+def remove_deepspeed_shm_buffer(rank: int) -> None:
+    """DeepSpeed's CPU shared-memory all-reduce (op deepspeed_shm_comm, deepspeed 0.19.8) creates
+    /dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank> (69 MB) and never unlinks it; a
+    machine that runs many CPU jobs fills its memory with them. Remove this rank's once every rank has left."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}").unlink(missing_ok=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
