@@ -243,7 +243,10 @@ def test_resume_at_another_world_size(tmp_path):
         deepspeed_cpu(train_args(config, "--resume", "auto", "--set", "prune.ema_eta=0.3"), ranks=2)
     manifest = root / final / "manifest.json"
     message = f"exert-ds: error: --resume auto: {manifest} was written by another run"
-    assert str(failed.value).count(message) == 2  # every rank, before any process group started
+    errors = [line for line in str(failed.value).splitlines() if "exert-ds: error:" in line]
+    # found before any process group starts, so each rank stops on its own and the launcher may kill the slower
+    # one before it prints: at least one line, and every line printed is this one
+    assert errors and all(message in line for line in errors), errors
 
 
 def test_replayed_adam_step_counter_makes_cpu_adam_resume_bit_identical():
