@@ -44,9 +44,10 @@ from exert_ds.zero3 import Zero3Backend  # noqa: E402
 
 GB = 1e9
 # Run in a fresh process; its RSS is sampled every 5 ms during the export: the growth over the RSS once the
-# imports are done is what the export itself holds (the kernel's high-water mark, imports included, is reported too).
+# imports are done is what the export itself holds. The kernel's high-water mark of this process's memory (VmHWM,
+# imports included) is reported too; not ru_maxrss, which keeps the forking rank's peak across exec.
 EXPORT_PROBE = """
-import json, resource, sys, threading, time
+import json, sys, threading, time
 import psutil
 from exert_ds.export import export_expert
 proc, peak, done = psutil.Process(), [0], threading.Event()
@@ -62,7 +63,8 @@ export_expert(sys.argv[1], sys.argv[2], sys.argv[3], overwrite=True)
 seconds = time.perf_counter() - start
 done.set()
 sampler.join()
-high_water = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+status = open("/proc/self/status").read().split("VmHWM:")[1]
+high_water = int(status.split()[0]) * 1024
 print(json.dumps({"seconds": seconds, "rss_after_imports_bytes": base, "peak_rss_sampled_bytes": peak[0],
                   "max_rss_high_water_bytes": high_water}))
 """
@@ -204,6 +206,10 @@ def main() -> None:
             "export_rss_growth_bytes": export["peak_rss_sampled_bytes"] - export["rss_after_imports_bytes"],
             "export_rss_growth_over_largest_tensor": (
                 export["peak_rss_sampled_bytes"] - export["rss_after_imports_bytes"]
+            )
+            / largest,
+            "export_high_water_growth_over_largest_tensor": (
+                export["max_rss_high_water_bytes"] - export["rss_after_imports_bytes"]
             )
             / largest,
         }

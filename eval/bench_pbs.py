@@ -45,7 +45,11 @@ from exert_ds.foresight import (  # noqa: E402
     role_scores,
     row_mask,
 )
-from exert_ds.pbs import partial_brain_surgeon, partial_brain_surgeon_reference  # noqa: E402
+from exert_ds.pbs import (  # noqa: E402
+    float32_matmul_precision,
+    partial_brain_surgeon,
+    partial_brain_surgeon_reference,
+)
 
 T = TypeVar("T")
 MAX_REL_ERR = 1e-3
@@ -57,6 +61,7 @@ PBS_REG = 1e-2
 REF_REG = 1e-8
 DTYPE = torch.float32
 SCORES_BLOCK_OP = "foresight_scores + row_mask 50% (7 matrices)"
+TF32 = " (TF32 products)"  # op-name suffix of the runs under pbs.matmul_precision "high" (CUDA only)
 
 
 @dataclass(frozen=True)
@@ -276,20 +281,27 @@ def bench_pbs_shape(out_f: int, in_f: int, args: argparse.Namespace, device: tor
     energy = hessian.diagonal().clone()
     keep = row_mask(effective(layer).abs() * energy.sqrt(), SPARSITY)
     n = min(args.rows_for_loop, out_f)
+
+    def hessian_mode(precision: str) -> Tensor:
+        with float32_matmul_precision(precision):
+            return partial_brain_surgeon(W, A, B, SCALE, keep, hessian, reg=PBS_REG)
+
+    hessian_loop = partial(time_ms, lambda: pbs_hessian_loop(layer, keep, hessian, n), device, args.repeats)
     cases = {
-        "PBS hessian": (
-            lambda: partial_brain_surgeon(W, A, B, SCALE, keep, hessian, reg=PBS_REG),
-            lambda: pbs_hessian_loop(layer, keep, hessian, n),
-        ),
+        "PBS hessian": (partial(hessian_mode, "highest"), hessian_loop),
         "PBS reference (κ=1)": (
             lambda: partial_brain_surgeon_reference(W, A, B, SCALE, keep, energy, reg=REF_REG, keep_weight=1.0),
-            lambda: pbs_reference_loop(layer, keep, energy, n),
+            partial(time_ms, lambda: pbs_reference_loop(layer, keep, energy, n), device, args.repeats),
         ),
     }
+    if device.type == "cuda":  # the same float32 per-row loop is the baseline of both precisions
+        loop_result = hessian_loop()
+        cases["PBS hessian"] = (cases["PBS hessian"][0], lambda: loop_result)
+        cases["PBS hessian" + TF32] = (partial(hessian_mode, "high"), lambda: loop_result)
     results = []
     for op, (vectorised, loop) in cases.items():
         vec_ms, vec_all, new_b = time_ms(vectorised, device, args.repeats)
-        loop_ms, loop_all, loop_delta = time_ms(loop, device, args.repeats)
+        loop_ms, loop_all, loop_delta = loop()
         err = rel_err(new_b[:n] - B[:n], loop_delta)  # compare ΔB, not B + ΔB (stricter)
         entry = {"section": "pbs", "op": op, "shape": [out_f, in_f], "vectorised_ms": vec_ms}
         entry |= {"vectorised_ms_all": vec_all, **loop_entry(loop_ms, loop_all, n, out_f), "rel_err_delta_b": err}
@@ -383,11 +395,12 @@ def bench_scores(block: BlockShape, args: argparse.Namespace, device: torch.devi
 
 
 def bench_event_block(
-    block: BlockShape, args: argparse.Namespace, device: torch.device, earlier: list[dict[str, Any]]
+    block: BlockShape, args: argparse.Namespace, device: torch.device, earlier: list[dict[str, Any]], precision: str
 ) -> dict[str, Any]:
-    """Section 3: foresight_scores + row_mask + partial_brain_surgeon for all seven matrices of one block.
+    """Section 3: foresight_scores + row_mask + partial_brain_surgeon for all seven matrices of one block, with
+    PBS under torch's float32 matmul `precision` ("highest": float32; "high": TF32 products on CUDA).
 
-    The per-row loop estimate is the sum of the extrapolated loops measured in sections 1 and 2.
+    The per-row loop estimate is the sum of the extrapolated (float32) loops measured in sections 1 and 2.
     """
     layers = {role: random_layer(*block.matrix_shape(role), device) for role in ROLES}
     hessians = {
@@ -405,9 +418,10 @@ def bench_event_block(
         for role in ROLES:
             lay = layers[role]
             keep = row_mask(scores[role], SPARSITY)
-            new_b[role] = partial_brain_surgeon(
-                lay["W"], lay["A"], lay["B"], SCALE, keep, hessians[H_GROUP[role]], reg=PBS_REG
-            )
+            with float32_matmul_precision(precision):
+                new_b[role] = partial_brain_surgeon(
+                    lay["W"], lay["A"], lay["B"], SCALE, keep, hessians[H_GROUP[role]], reg=PBS_REG
+                )
         return new_b
 
     vec_ms, vec_all, _ = time_ms(event, device, args.repeats)
@@ -416,11 +430,15 @@ def bench_event_block(
         r["loop_ms_extrapolated"] for r in earlier if r["op"] == SCORES_BLOCK_OP and r["block"] == block.name
     )
     loop_ms = score_loop + sum(pbs_loop[block.matrix_shape(role)] for role in ROLES)
-    print(f"  event block {block.name}: vectorised {vec_ms:.2f} ms, loop (extrapolated) {loop_ms:.2f} ms", flush=True)
+    suffix = TF32 if precision == "high" else ""
+    print(
+        f"  event block {block.name}{suffix}: vectorised {vec_ms:.2f} ms, loop (extrapolated) {loop_ms:.2f} ms",
+        flush=True,
+    )
     return {
         "section": "block",
         "block": block.name,
-        "op": "block total: foresight_scores + row_mask + PBS hessian (7 matrices)",
+        "op": "block total: foresight_scores + row_mask + PBS hessian (7 matrices)" + suffix,
         "shape": [block.hidden, block.ffn, block.num_heads, block.num_kv_heads],
         "vectorised_ms": vec_ms,
         "vectorised_ms_all": vec_all,
@@ -445,7 +463,9 @@ def markdown(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
         "",
         f"- device: {meta['device_name']} ({meta['device']}); torch {meta['torch']}; date {meta['date']}",
         f"- command: `{meta['command']}`",
-        f"- float32 weights and H (TF32 matmul: {meta['tf32_matmul']}); LoRA r={RANK}, s={SCALE:g}; "
+        f"- float32 weights and H (TF32 matmul outside the TF32 lines: {meta['tf32_matmul']}); lines marked "
+        f"'{TF32.strip()}' run PBS under `pbs.matmul_precision: high` (TF32 tensor cores for its float32 products, "
+        "CUDA only) against the same float32 per-row loop; LoRA r={RANK}, s={SCALE:g}; "
         f"H = XᵀX from {meta['tokens']} random tokens; {SPARSITY:.0%} per-row sparsity",
         f"- times: median of {meta['repeats']} runs after 1 warm-up, synchronised. **Per-row loop times are "
         f"extrapolated linearly** from the first {meta['rows_for_loop']} rows of each matrix (× rows / N).",
@@ -519,7 +539,8 @@ def main(argv: list[str] | None = None) -> int:
         results += bench_scores(block, args, device)
         free(device)
     print("3. scoring + PBS for one block", flush=True)
-    results.append(bench_event_block(llama2, args, device, results))
+    for precision in ("highest", "high") if device.type == "cuda" else ("highest",):
+        results.append(bench_event_block(llama2, args, device, results, precision))
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

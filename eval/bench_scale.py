@@ -11,12 +11,14 @@ weights from a config.json), measured in this order, each written to --out as so
    event, EMA from the second on, as in schedule.plan_events); wall-clock amortised per step with the events
    included, each event's seconds (and per block), peak memory per rank. The event / forward ratio uses
    these events (same calibration tokens as `forward`).
-4. `hessian_matmul` (CUDA only): XᵀX of one calibration micro-batch as the event forms it (float32 inputs)
-   against bf16 inputs with a float32 result (torch.mm out_dtype), time and difference; not used by the event.
-5. `pbs_precision` (CUDA only): PBS hessian on a gate- and a down-shaped matrix, float32 matmuls (as the event)
-   against TF32, time, error reduction and the difference in ΔB; not used by the event.
-6. `profile` (with --profile): torch.profiler tables of one training step and one prune event (PBS, EMA).
-7. `plain` again for each --variant (e.g. `nockpt:8`: no gradient checkpointing, micro-batch 8).
+4. `event_tf32`: one more event (PBS, EMA) with `pbs.matmul_precision: high` (TF32 products on CUDA), right
+   after the schedule's events (float32 products, the default) on the same model and calibration tokens.
+5. `hessian_matmul` (CUDA only): XᵀX of one calibration micro-batch, upcast to float32 first against bf16
+   inputs with a float32 result (torch.mm out_dtype, what calibration.gram does on CUDA), time and difference.
+6. `pbs_precision` (CUDA only): PBS hessian on a gate- and a down-shaped matrix, float32 matmuls against TF32,
+   time, error reduction and the difference in ΔB.
+7. `profile` (with --profile): torch.profiler tables of one training step and one prune event (PBS, EMA).
+8. `plain` again for each --variant (e.g. `nockpt:8`: no gradient checkpointing, micro-batch 8).
 
 FLOPs convention (MFU): N = elements of the frozen base model's linear weights (all projections and the LM
 head, no embedding, no LoRA). A frozen-base LoRA step costs 4N per token (forward 2N, input gradients 2N;
@@ -36,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -208,11 +211,10 @@ class Bench:
             }
         )
 
-    def event(self, sparsity: float, pbs: bool, ema: bool) -> dict:
+    def event(self, sparsity: float, pbs: bool, ema: bool, events: PruneEvent | None = None) -> dict:
+        events = events or self.events
         with BlockTimer(self.engine.module) as blocks:
-            seconds, report = timed(
-                lambda: self.events.run(self.calibration, sparsity, pbs=pbs, ema=ema, progress=False)
-            )
+            seconds, report = timed(lambda: events.run(self.calibration, sparsity, pbs=pbs, ema=ema, progress=False))
         scalars = report.scalars()
         return {
             "event": report.event,
@@ -254,6 +256,14 @@ class Bench:
             }
         )
 
+    def event_tf32(self) -> None:
+        """One event (PBS, EMA) with TF32 PBS products, on the model and EMA state the schedule left."""
+        settings = replace(self.events.settings, pbs_matmul_precision="high")
+        tf32 = PruneEvent(self.engine.module, Zero3Backend(), settings, self.events.state)
+        reset_peaks()
+        record = self.event(self.args.sparsity, pbs=self.args.pbs != "off", ema=True, events=tf32)
+        self.results.add({"phase": "event_tf32", "pbs_matmul_precision": "high", **record, **memory_record()})
+
     def profile(self) -> None:
         args = self.args
         set_gradient_checkpointing(self.engine, args.grad_ckpt)
@@ -267,8 +277,8 @@ class Bench:
         self.results.add({"phase": "profile", "what": "one prune event (PBS, EMA)", "tables": event_tables})
 
     def hessian_matmul(self) -> None:
-        """XᵀX for one calibration micro-batch at the model's widths: float32 (as the event does) vs bf16 inputs
-        with a float32 result. Measured on CUDA only (the bf16 path exists there only)."""
+        """XᵀX for one calibration micro-batch at the model's widths: upcast to float32 first vs bf16 inputs with a
+        float32 result (the event's path on CUDA). Measured on CUDA only (the bf16 path exists there only)."""
         if torch.cuda.is_available():
             config, rows = self.engine.module.config, self.args.calib_micro_batch * self.args.calib_seq
             shapes = [hessian_matmul(rows, w, "cuda") for w in (config.hidden_size, config.intermediate_size)]
@@ -287,9 +297,9 @@ class Bench:
 
 
 def hessian_matmul(rows: int, width: int, device: str) -> dict:
-    """XᵀX of a rows × width bf16 X: float32 inputs (as the event forms H) vs bf16 inputs with a float32 result
-    (torch.mm out_dtype): best of 3 seconds and the largest difference from the float32 product. Not used by
-    the event; measured to decide whether it should be."""
+    """XᵀX of a rows × width bf16 X: upcast to float32 first vs bf16 inputs with a float32 result (torch.mm
+    out_dtype, as calibration.gram forms H on CUDA): best of 3 seconds and the largest difference from the float32
+    product."""
     x = torch.randn(rows, width, device=device).to(torch.bfloat16)
     reference = x.float().T @ x.float()
     variants = {
@@ -313,8 +323,8 @@ def hessian_matmul(rows: int, width: int, device: str) -> dict:
 def pbs_precision(out_f: int, in_f: int, r: int, tokens: int, seed: int, device: str) -> dict:
     """PBS mode hessian (the event's own function) on one out_f × in_f matrix at 50% per row, with float32
     matmuls (torch.set_float32_matmul_precision "highest", as the event runs) and with TF32 ("high"): seconds
-    (best of 2), the reconstruction-error reduction of each, and the relative difference of their ΔB. Not used
-    by the event; measured to decide whether it should be."""
+    (best of 2), the reconstruction-error reduction of each, and the relative difference of their ΔB. The event
+    uses "high" when the run sets `pbs.matmul_precision: high`."""
     gen = torch.Generator(device=device).manual_seed(seed)
     w = torch.randn(out_f, in_f, device=device, generator=gen) * 0.02
     a = (torch.rand(r, in_f, device=device, generator=gen) * 2 - 1) / in_f**0.5
@@ -346,6 +356,7 @@ def main(argv: list[str] | None = None) -> None:
     bench.plain(args.grad_ckpt, args.micro_batch, "primary")
     bench.forward()
     bench.schedule(args.grad_ckpt)
+    bench.event_tf32()
     bench.hessian_matmul()
     bench.pbs_precision()
     if args.profile:

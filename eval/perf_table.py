@@ -124,6 +124,23 @@ def event_table(docs: list[dict[str, Any]]) -> list[str]:
     return rows
 
 
+def tf32_event_lines(docs: list[dict[str, Any]]) -> list[str]:
+    """The event with TF32 PBS products beside the schedule's last event (float32 products), same run."""
+    out = []
+    for doc in docs:
+        tf32, sched = first(doc, "event_tf32"), first(doc, "schedule")
+        if not (tf32 and sched and sched["events"]):
+            continue
+        fp32 = sched["events"][-1]
+        reduction = {p: statistics.mean(e["pbs_error_reduction"].values()) for p, e in (("fp32", fp32), ("tf32", tf32))}
+        out.append(
+            f"- {name(doc)}: event with float32 PBS products {fmt(fp32['seconds'], 1)} s, with TF32 "
+            f"(`pbs.matmul_precision: high`) {fmt(tf32['seconds'], 1)} s: {fmt(ratio(fp32['seconds'], tf32['seconds']), 2)}× "
+            f"faster; PBS error reduction {pct(reduction['fp32'])} vs {pct(reduction['tf32'])}"
+        )
+    return out
+
+
 def scaling_table(docs: list[dict[str, Any]]) -> list[str]:
     by_model: dict[str, dict[int, dict[str, Any]]] = {}
     for doc in docs:
@@ -276,17 +293,25 @@ def render(docs: list[dict[str, Any]]) -> str:
             "",
         ]
         lines += ["## Prune event vs one forward pass over the same calibration tokens", ""] + event_table(scale)
+        tf32 = tf32_event_lines(scale)
+        if tf32:
+            lines += ["", "Events with TF32 PBS products (one more event after the schedule's, same run):", ""] + tf32
         lines += ["", "## 1 → 2 GPUs", ""] + scaling_table(scale) + [""]
         hess = hessian_section(scale)
         if hess:
             lines += (
-                ["## H = XᵀX: float32 inputs (as the event does) vs bf16 inputs, float32 result (measured only)", ""]
+                [
+                    "## H = XᵀX: upcast to float32 first vs bf16 inputs with a float32 result (the event's path on CUDA)",
+                    "",
+                ]
                 + hess
                 + [""]
             )
         pbs = pbs_precision_section(scale)
         if pbs:
-            lines += ["## PBS: float32 matmuls (as the event runs) vs TF32 (measured only)", ""] + pbs + [""]
+            lines += (
+                ["## PBS alone: float32 matmuls (the default) vs TF32 (`pbs.matmul_precision: high`)", ""] + pbs + [""]
+            )
         prof = profile_section(scale)
         if prof:
             lines += ["## Profiles (torch.profiler)", ""] + prof

@@ -24,6 +24,7 @@ from exert_ds.architecture import LLAMA_LIKE_ROLES
 from exert_ds.data import DataSource
 from exert_ds.event import PBS_MODES, SCORERS
 from exert_ds.foresight import ROLES
+from exert_ds.pbs import MATMUL_PRECISIONS
 
 DTYPES = ("float32", "bfloat16", "float16")
 BOOKKEEPING_KEYS = ("log_every", "save_every_steps", "keep_checkpoints")  # train.* keys a resume may change
@@ -97,6 +98,7 @@ class PBSConfig:
     mode: str = "hessian"
     reg: float | None = None  # default per mode: 1e-2 (hessian, relative), 1e-8 (reference)
     keep_weight: float = 1.0
+    matmul_precision: str = "highest"  # hessian mode's float32 products: highest (float32) | high (TF32 on CUDA)
 
 
 @dataclass
@@ -247,6 +249,10 @@ def validate(cfg: RunConfig, base_dir: Path) -> None:
     _check(cfg.pbs.reg is None or cfg.pbs.reg >= 0, f"config key 'pbs.reg' must be >= 0, got {cfg.pbs.reg}")
     _check(
         0.0 <= cfg.pbs.keep_weight <= 1.0, f"config key 'pbs.keep_weight' must be in [0, 1], got {cfg.pbs.keep_weight}"
+    )
+    _check(
+        cfg.pbs.matmul_precision in MATMUL_PRECISIONS,
+        f"config key 'pbs.matmul_precision' must be one of {MATMUL_PRECISIONS}, got {cfg.pbs.matmul_precision!r}",
     )
     _check_lora(cfg)
     c, t = cfg.calibration, cfg.train

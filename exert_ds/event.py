@@ -29,7 +29,12 @@ from exert_ds.foresight import (
     row_mask,
 )
 from exert_ds.lora import adapter_seed, block_lora_layers, fresh_lora_a
-from exert_ds.pbs import partial_brain_surgeon_reference, partial_brain_surgeon_with_errors
+from exert_ds.pbs import (
+    MATMUL_PRECISIONS,
+    float32_matmul_precision,
+    partial_brain_surgeon_reference,
+    partial_brain_surgeon_with_errors,
+)
 from exert_ds.sparsegpt import sparsegpt_prune
 
 SCORERS = ("foresight", "wanda", "magnitude", "sparsegpt")
@@ -47,6 +52,7 @@ class PruneSettings:
     pbs_mode: str = "hessian"
     pbs_reg: float | None = None  # default per mode: 1e-2 (hessian, relative), 1e-8 (reference)
     pbs_keep_weight: float = 1.0
+    pbs_matmul_precision: str = "highest"
     ema_eta: float = 0.5
     reset_after_prune: str = "none"
     seed: int = 0
@@ -59,6 +65,8 @@ class PruneSettings:
             raise ValueError(f"prune.scorer={self.scorer!r}; choose one of {SCORERS}")
         if self.pbs_mode not in PBS_MODES:
             raise ValueError(f"pbs.mode={self.pbs_mode!r}; choose one of {PBS_MODES}")
+        if self.pbs_matmul_precision not in MATMUL_PRECISIONS:
+            raise ValueError(f"pbs.matmul_precision={self.pbs_matmul_precision!r}; choose one of {MATMUL_PRECISIONS}")
         if self.scorer == "sparsegpt" and self.pbs_mode != "off":
             raise ValueError("prune.scorer=sparsegpt updates the weights itself; set pbs.mode: off")
         if self.reset_after_prune not in RESET_POLICIES:
@@ -275,9 +283,10 @@ class PruneEvent:
         zeros = torch.zeros(u_rows.shape[0], a.shape[0], dtype=a.dtype, device=a.device)
         if s.pbs_mode == "hessian":
             reg = 1e-2 if s.pbs_reg is None else s.pbs_reg
-            delta_rows, before, after = partial_brain_surgeon_with_errors(
-                u_rows, a, zeros, scale, keep_rows, hessian, reg
-            )
+            with float32_matmul_precision(s.pbs_matmul_precision):
+                delta_rows, before, after = partial_brain_surgeon_with_errors(
+                    u_rows, a, zeros, scale, keep_rows, hessian, reg
+                )
             errors = self.backend.all_reduce(torch.tensor([before, after], dtype=torch.float64))
             report.roles[role].pbs_error_before += float(errors[0])
             report.roles[role].pbs_error_after += float(errors[1])

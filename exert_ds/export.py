@@ -68,6 +68,8 @@ def export_expert(src: str | Path, out: str | Path, max_shard_size: str | int = 
     expert = resolve_expert(src)
     cap = parse_shard_size(max_shard_size)
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} exists and is not a directory; move it away or choose another output directory")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"--out {out} exists and is not empty; choose another directory or pass --overwrite")
     manifest = read_manifest(expert)

@@ -8,10 +8,29 @@ in chunks only to bound the memory of the per-row r×in intermediates.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import Tensor
 
 _CHUNK_ELEMENTS = 1 << 26  # bound for a chunk's rows × r × in intermediate (256 MiB in float32)
+MATMUL_PRECISIONS = ("highest", "high")  # torch.set_float32_matmul_precision's names: float32, TF32 on CUDA
+
+
+@contextmanager
+def float32_matmul_precision(precision: str) -> Iterator[None]:
+    """Run the block with torch's float32 matmul precision set to `precision`, then restore the caller's.
+
+    "high" lets CUDA use TF32 tensor cores for the r·in² per-row Gram products, the bulk of PBS hessian's work
+    (5–7× faster on an H200, ΔB within about 4e-4 relative, eval/results/perf.md); the r×r solves stay float32.
+    """
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def _work_dtype(*tensors: Tensor) -> torch.dtype:

@@ -116,6 +116,7 @@ def prune_settings(cfg: RunConfig, sparsity: float) -> PruneSettings:
         pbs_mode=cfg.pbs.mode,
         pbs_reg=cfg.pbs.reg,
         pbs_keep_weight=cfg.pbs.keep_weight,
+        pbs_matmul_precision=cfg.pbs.matmul_precision,
         ema_eta=cfg.prune.ema_eta,
         reset_after_prune=cfg.train.reset_after_prune,
         seed=cfg.train.seed,
@@ -292,16 +293,21 @@ def finish(session: Session, dense_ppl: float | None, pruned: bool) -> Path | No
     prune = session.cfg.prune
     promise = (prune.sparsity, prune.n, prune.m) if pruned else (0.0, 0, 0)
     expert = write_expert(session.engine.module, session.tokenizer, session.out_dir / "expert", *promise)
-    out, failure = None, None
+    out, error = None, None
     if dist.get_rank() == 0:
         try:
             out = export_expert(expert, session.out_dir / "final", overwrite=True)
-        except ConfigError as err:
-            failure = str(err)
-    failures: list[str | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(failures, failure)  # the same error on every rank, no rank left waiting
+        except Exception as err:  # any failure reaches every rank: none is left waiting in a collective
+            error = err
+    failures: list[tuple[bool, str] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(failures, None if error is None else (isinstance(error, ConfigError), str(error)))
     if failures[0]:
-        raise ConfigError(failures[0])
+        bad_input, message = failures[0]
+        if bad_input:
+            raise ConfigError(message)
+        if error is not None:
+            raise error  # rank 0 keeps its traceback
+        raise RuntimeError(f"the export to {session.out_dir / 'final'} failed on rank 0: {message}")
     if dist.get_rank() == 0:
         (session.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         roles = ", ".join(f"{role} {value:.4f}" for role, value in sparsity.items())

@@ -54,6 +54,7 @@ BAD = [
     ({"prune": {"enabled": "yes"}}, "'prune.enabled' must be bool"),
     ({"pbs": {"reg": -1.0}}, "'pbs.reg' must be >= 0"),
     ({"pbs": {"keep_weight": 2.0}}, "'pbs.keep_weight' must be in [0, 1]"),
+    ({"pbs": {"matmul_precision": "medium"}}, "'pbs.matmul_precision' must be one of"),
     ({"lora": {"r": 0}}, "'lora.r' must be a positive int"),
     ({"calibration": {"num_samples": 0}}, "'calibration.num_samples' must be > 0"),
     ({"calibration": {"seq_len": -5}}, "'calibration.seq_len' must be > 0"),

@@ -127,6 +127,9 @@ def test_expert_round_trip_export_and_stock_loading(tmp_path):
         assert ((exported[name] == 0).sum(1) == math.floor(0.5 * exported[name].shape[1])).all(), name
     with pytest.raises(ConfigError, match="exists and is not empty"):
         export_expert(expert, single)
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ConfigError, match="is not a directory"):
+        export_expert(expert, tmp_path / "a_file", overwrite=True)
 
 
 def test_pruned_storage_at_half_sparsity_is_below_056_of_dense_bf16(tmp_path):

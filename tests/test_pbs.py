@@ -4,7 +4,12 @@ import pytest
 import torch
 
 from exert_ds.foresight import row_mask
-from exert_ds.pbs import partial_brain_surgeon, partial_brain_surgeon_reference, partial_brain_surgeon_with_errors
+from exert_ds.pbs import (
+    float32_matmul_precision,
+    partial_brain_surgeon,
+    partial_brain_surgeon_reference,
+    partial_brain_surgeon_with_errors,
+)
 
 
 def layer(out_f, in_f, r, tokens, seed):
@@ -96,3 +101,12 @@ def test_shape_errors_are_clear():
     W, A, B, scale, keep, X = layer(10, 12, 3, 40, seed=4)
     with pytest.raises(ValueError, match="shapes disagree"):
         partial_brain_surgeon(W, A.T, B, scale, keep, X.T @ X)
+
+
+def test_matmul_precision_is_restored_after_the_block_even_on_error():
+    before = torch.get_float32_matmul_precision()
+    with pytest.raises(RuntimeError, match="inside"):
+        with float32_matmul_precision("high"):
+            assert torch.get_float32_matmul_precision() == "high"
+            raise RuntimeError("inside")
+    assert torch.get_float32_matmul_precision() == before

@@ -66,6 +66,7 @@ def _scale_doc(world: int, tokens_total: float) -> dict:
                 "amortised_step_s": 3.2,
                 "peak_allocated_gib": [22.0, 21.0],
             },
+            {"phase": "event_tf32", **event, "seconds": 2.4, "pbs_error_reduction": {"q": 0.2, "k": 0.2}},
         ],
     }
 
@@ -85,6 +86,8 @@ def test_ratios_by_hand(tmp_path):
     assert "3.0% / 0.3%" in text  # 6 s / (100 × 2 s), 6 s / (1000 × 2 s)
     assert "| 4.0× |" in text  # event 6 s / forward 1.5 s
     assert "| 30.0% |" in text  # mean PBS error reduction of 0.2 and 0.4
+    assert "float32 PBS products 6.0 s, with TF32 (`pbs.matmul_precision: high`) 2.4 s: 2.50× faster" in text
+    assert "PBS error reduction 30.0% vs 20.0%" in text
 
 
 def test_seventy_b_extrapolation_by_hand(tmp_path):

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from exert_ds.architecture import LLAMA_LIKE_ROLES
 from tests.fixtures import run_yaml
-from tests.launch import deepspeed_cpu, torchrun_cpu
+from tests.launch import REPO, deepspeed_cpu, torchrun_cpu
 
 pytestmark = pytest.mark.distributed
 
@@ -60,6 +60,17 @@ def test_train_two_events_reaches_exact_sparsity(tmp_path):
     for role, width in widths.items():
         assert summary["measured_sparsity"][role] == pytest.approx(math.floor(0.5 * width) / width), role
     assert math.isfinite(summary["dense_perplexity"]) and math.isfinite(summary["sparse_perplexity"])
+
+
+def test_a_failed_export_at_the_end_reaches_every_rank(tmp_path):
+    config = run_yaml(tmp_path, prune={"sparsity": 0.5, "every_steps": 2}, train={"max_steps": 2})
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "final").write_text("in the way")  # rank 0 exports into run/final: it cannot
+    worker = str(REPO / "tests" / "workers" / "finish_failure.py")
+    deepspeed_cpu([worker, "--config", str(config), "--out", str(tmp_path)], ranks=2)  # both ranks return: no hang
+    errors = [(tmp_path / f"error-rank{rank}.txt").read_text() for rank in (0, 1)]
+    assert errors[0] == errors[1] and errors[0].startswith("ConfigError: ") and "is not a directory" in errors[0]
+    assert (tmp_path / "run" / "expert").is_dir() and (tmp_path / "run" / "final").read_text() == "in the way"
 
 
 def test_prune_one_shot_wanda(tmp_path):
