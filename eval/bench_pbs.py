@@ -465,7 +465,7 @@ def markdown(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
         f"- command: `{meta['command']}`",
         f"- float32 weights and H (TF32 matmul outside the TF32 lines: {meta['tf32_matmul']}); lines marked "
         f"'{TF32.strip()}' run PBS under `pbs.matmul_precision: high` (TF32 tensor cores for its float32 products, "
-        "CUDA only) against the same float32 per-row loop; LoRA r={RANK}, s={SCALE:g}; "
+        f"CUDA only) against the same float32 per-row loop; LoRA r={RANK}, s={SCALE:g}; "
         f"H = XᵀX from {meta['tokens']} random tokens; {SPARSITY:.0%} per-row sparsity",
         f"- times: median of {meta['repeats']} runs after 1 warm-up, synchronised. **Per-row loop times are "
         f"extrapolated linearly** from the first {meta['rows_for_loop']} rows of each matrix (× rows / N).",

@@ -7,6 +7,7 @@ from pathlib import Path
 import deepspeed.comm as dist
 
 from exert_ds import trainer
+from exert_ds.cli import shutdown_distributed
 from exert_ds.config import ConfigError, load_config
 
 parser = argparse.ArgumentParser()
@@ -21,3 +22,4 @@ try:
 except ConfigError as err:
     message = f"ConfigError: {err}"
 Path(args.out, f"error-rank{dist.get_rank()}.txt").write_text(message)
+shutdown_distributed()  # leave the process group together: gloo aborts a rank that exits while a peer still uses it
