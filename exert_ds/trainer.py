@@ -303,8 +303,8 @@ def finish(session: Session, dense_ppl: float | None, pruned: bool) -> Path | No
     dist.all_gather_object(failures, None if error is None else (isinstance(error, ConfigError), str(error)))
     if failures[0]:
         bad_input, message = failures[0]
-        if bad_input:
-            raise ConfigError(message)
+        if bad_input:  # the run's work is safe in the expert: say how to export it once the cause is fixed
+            raise ConfigError(f"{message}; the sparse expert is saved: exert-ds export --ckpt {expert} --out DIR")
         if error is not None:
             raise error  # rank 0 keeps its traceback
         raise RuntimeError(f"the export to {session.out_dir / 'final'} failed on rank 0: {message}")

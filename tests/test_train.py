@@ -70,6 +70,7 @@ def test_a_failed_export_at_the_end_reaches_every_rank(tmp_path):
     deepspeed_cpu([worker, "--config", str(config), "--out", str(tmp_path)], ranks=2)  # both ranks return: no hang
     errors = [(tmp_path / f"error-rank{rank}.txt").read_text() for rank in (0, 1)]
     assert errors[0] == errors[1] and errors[0].startswith("ConfigError: ") and "is not a directory" in errors[0]
+    assert f"exert-ds export --ckpt {tmp_path / 'run' / 'expert'}" in errors[0]
     assert (tmp_path / "run" / "expert").is_dir() and (tmp_path / "run" / "final").read_text() == "in the way"
 
 
