@@ -72,6 +72,9 @@ def test_a_failed_export_at_the_end_reaches_every_rank(tmp_path):
     assert errors[0] == errors[1] and errors[0].startswith("ConfigError: ") and "is not a directory" in errors[0]
     assert f"exert-ds export --ckpt {tmp_path / 'run' / 'expert'}" in errors[0]
     assert (tmp_path / "run" / "expert").is_dir() and (tmp_path / "run" / "final").read_text() == "in the way"
+    (tmp_path / "one").mkdir()
+    deepspeed_cpu([worker, "--config", str(config), "--out", str(tmp_path / "one")], ranks=1)
+    assert (tmp_path / "one" / "error-rank0.txt").read_text() == errors[0]  # the 1-rank run fails the same way
 
 
 def test_prune_one_shot_wanda(tmp_path):
