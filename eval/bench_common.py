@@ -203,11 +203,13 @@ class BlockTimer:
     """Wall-clock per decoder block of a prune event: a forward pre-hook on every block marks (after a
     synchronize) the first call into block k; block k's time runs from there to the first call into block
     k + 1 (the last block's to the end of the event). It covers the statistics pass, scoring, PBS, the
-    writes and the propagation pass of that block."""
+    writes and the propagation pass of that block. Each mark also reads the accelerator's allocated memory
+    and its peak so far, to show what grows from block to block."""
 
     def __init__(self, model: nn.Module) -> None:
         self.layers = decoder_layers(model)
         self.marks: dict[int, float] = {}
+        self.allocated: dict[int, tuple[float, float]] = {}
         self._handles: list[Any] = []
 
     def _hook(self, index: int) -> Callable:
@@ -215,6 +217,8 @@ class BlockTimer:
             if index not in self.marks:
                 sync()
                 self.marks[index] = time.perf_counter()
+                acc = get_accelerator()
+                self.allocated[index] = (acc.memory_allocated() / GIB, acc.max_memory_allocated() / GIB)
 
         return mark
 
@@ -235,6 +239,15 @@ class BlockTimer:
         """Per block, the maximum over ranks (collective)."""
         ends = [self.marks.get(i + 1, self.end) for i in range(len(self.layers))]
         return max_over_ranks([ends[i] - self.marks.get(i, self.end) for i in range(len(self.layers))])
+
+    def memory_gib(self) -> dict[str, list[float]]:
+        """Per block, at its first call: allocated accelerator memory and the peak since the last reset, GiB
+        (maximum over ranks; collective)."""
+        now, peak = zip(*(self.allocated.get(i, (0.0, 0.0)) for i in range(len(self.layers))), strict=True)
+        return {
+            "allocated_at_block_start": max_over_ranks(list(now)),
+            "peak_at_block_start": max_over_ranks(list(peak)),
+        }
 
 
 def profile_tables(fn: Callable[[], Any], rows: int = 15) -> dict[str, str]:

@@ -18,7 +18,9 @@ weights from a config.json), measured in this order, each written to --out as so
 6. `pbs_precision` (CUDA only): PBS hessian on a gate- and a down-shaped matrix, float32 matmuls against TF32,
    time, error reduction and the difference in ΔB.
 7. `profile` (with --profile): torch.profiler tables of one training step and one prune event (PBS, EMA).
-8. `plain` again for each --variant (e.g. `nockpt:8`: no gradient checkpointing, micro-batch 8).
+8. `memory_trace` (with --memory-trace, CUDA only): one more prune event (PBS, EMA) with the allocator's history
+   recorded; the peak's allocated memory and the allocation sites live at the peak (eval/memory_trace.py).
+9. `plain` again for each --variant (e.g. `nockpt:8`: no gradient checkpointing, micro-batch 8).
 
 FLOPs convention (MFU): N = elements of the frozen base model's linear weights (all projections and the LM
 head, no embedding, no LoRA). A frozen-base LoRA step costs 4N per token (forward 2N, input gradients 2N;
@@ -62,6 +64,7 @@ from bench_common import (
     sync,
     timed,
 )
+from memory_trace import traced_peak
 
 from exert_ds.cli import shutdown_distributed
 from exert_ds.event import PruneEvent, PruneState
@@ -90,6 +93,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--calib-seq", type=int, default=2048)
     parser.add_argument("--variant", action="append", default=[], help="extra plain run: ckpt:MB or nockpt:MB")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--memory-trace", action="store_true", help="record the allocator during one more event")
     parser.add_argument("--peak-tflops", type=float, default=None)
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     add_common_args(parser)
@@ -222,6 +226,7 @@ class Bench:
             "ema": ema,
             "seconds": seconds,
             "block_seconds": blocks.seconds(),
+            "block_memory_gib": blocks.memory_gib(),
             "sparsity": {k.split("/")[1]: v for k, v in scalars.items() if k.startswith("sparsity/")},
             "pbs_error_reduction": {k.split("/")[1]: v for k, v in scalars.items() if k.startswith("pbs_error")},
         }
@@ -275,6 +280,18 @@ class Bench:
             lambda: self.events.run(self.calibration, args.sparsity, pbs=args.pbs != "off", ema=True, progress=False)
         )
         self.results.add({"phase": "profile", "what": "one prune event (PBS, EMA)", "tables": event_tables})
+
+    def memory_trace(self) -> None:
+        """One event (PBS, EMA) with the CUDA allocator's history recorded: what is live at its peak (rank 0's)."""
+        if torch.cuda.is_available():
+            args = self.args
+            reset_peaks()
+            summary = traced_peak(
+                lambda: self.events.run(
+                    self.calibration, args.sparsity, pbs=args.pbs != "off", ema=True, progress=False
+                )
+            )
+            self.results.add({"phase": "memory_trace", "rank": 0, **summary, **memory_record()})
 
     def hessian_matmul(self) -> None:
         """XᵀX for one calibration micro-batch at the model's widths: upcast to float32 first vs bf16 inputs with a
@@ -361,6 +378,8 @@ def main(argv: list[str] | None = None) -> None:
     bench.pbs_precision()
     if args.profile:
         bench.profile()
+    if args.memory_trace:
+        bench.memory_trace()
     for spec in args.variant:  # last: the first to go when a time limit cuts the run short
         ckpt, mb = parse_variant(spec)
         bench.plain(ckpt, mb, spec)

@@ -1,12 +1,16 @@
 """What runs only on CUDA: the bf16 tensor-core H = XᵀX of calibration and PBS with TF32 products, each against a
-float64 computation of the same formula. Skipped without a GPU; run on the device (eval/gpu_trainer_runs.sh)."""
+float64 computation of the same formula; the event's asynchronous EMA copies into page-locked host memory, against
+the same events on CPU. Skipped without a GPU; run on the device (eval/gpu_trainer_runs.sh)."""
 
 import pytest
 import torch
 
+from exert_ds.access import DenseBackend
 from exert_ds.calibration import gram
+from exert_ds.event import PruneEvent, PruneSettings
 from exert_ds.foresight import row_mask
 from exert_ds.pbs import float32_matmul_precision, partial_brain_surgeon_with_errors
+from tests.tiny_models import calibration_ids, tiny_lora_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -39,3 +43,28 @@ def test_pbs_with_tf32_products_stays_close_to_float64_and_still_reduces_the_err
         got, before, after = partial_brain_surgeon_with_errors(W, A, B, 2.0, keep, H)
     assert rel(got - B, want - B.double()) < 2e-3
     assert after < before
+
+
+def test_ema_copied_asynchronously_to_pinned_memory_matches_the_cpu_event_and_is_reused():
+    """Two events (the second with EMA) on CUDA and on CPU from the same model: the same host EMA, float32; on CUDA
+    in page-locked buffers that the second event overwrites in place."""
+    settings = PruneSettings(sparsity=0.5, scorer="magnitude", pbs_mode="off")
+    states = {}
+    for device in ("cpu", "cuda"):
+        model = tiny_lora_model("llama", dtype=torch.float64).to(device)
+        event = PruneEvent(model, DenseBackend(), settings)
+        event.run(calibration_ids(), 0.5, pbs=False, ema=False, progress=False)
+        first = {key: value.data_ptr() for key, value in event.state.ema.items()}
+        with torch.no_grad():  # training between events: a new B
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(7)) * 0.05)
+        event.run(calibration_ids(), 0.5, pbs=False, ema=True, progress=False)
+        states[device] = event.state.ema
+        if device == "cuda":
+            assert all(value.is_pinned() and value.device.type == "cpu" for value in event.state.ema.values())
+            assert {key: value.data_ptr() for key, value in event.state.ema.items()} == first
+    assert states["cpu"].keys() == states["cuda"].keys()
+    for key, value in states["cuda"].items():
+        assert value.dtype == torch.float32
+        torch.testing.assert_close(value, states["cpu"][key], msg=key)
