@@ -21,6 +21,7 @@ weights from a config.json), measured in this order, each written to --out as so
 8. `memory_trace` (with --memory-trace, CUDA only): one more prune event (PBS, EMA) with the allocator's history
    recorded; the peak's allocated memory and the allocation sites live at the peak (eval/memory_trace.py).
 9. `plain` again for each --variant (e.g. `nockpt:8`: no gradient checkpointing, micro-batch 8).
+With --plain-only, phases 2–6 are skipped (a step-time comparison, e.g. another --ds-config).
 
 FLOPs convention (MFU): N = elements of the frozen base model's linear weights (all projections and the LM
 head, no embedding, no LoRA). A frozen-base LoRA step costs 4N per token (forward 2N, input gradients 2N;
@@ -94,6 +95,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--variant", action="append", default=[], help="extra plain run: ckpt:MB or nockpt:MB")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--memory-trace", action="store_true", help="record the allocator during one more event")
+    parser.add_argument("--plain-only", action="store_true", help="only the plain phases (primary and --variant)")
     parser.add_argument("--peak-tflops", type=float, default=None)
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     add_common_args(parser)
@@ -371,11 +373,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     bench = Bench(args)
     bench.plain(args.grad_ckpt, args.micro_batch, "primary")
-    bench.forward()
-    bench.schedule(args.grad_ckpt)
-    bench.event_tf32()
-    bench.hessian_matmul()
-    bench.pbs_precision()
+    if not args.plain_only:
+        bench.forward()
+        bench.schedule(args.grad_ckpt)
+        bench.event_tf32()
+        bench.hessian_matmul()
+        bench.pbs_precision()
     if args.profile:
         bench.profile()
     if args.memory_trace:

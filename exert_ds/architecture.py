@@ -65,6 +65,12 @@ def role_table(model: nn.Module) -> dict[str, str]:
     return ROLE_TABLES[model_type]
 
 
+def decoder_stack(model: nn.Module) -> nn.Module:
+    """The decoder without the LM head (`LlamaModel` etc.): embeddings, rotary, the layers, the final norm."""
+    decoder_layers(model)  # one-line error for a model without .model.layers
+    return unwrap(model).model
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     hf = unwrap(model)
     layers = getattr(getattr(hf, "model", None), "layers", None)

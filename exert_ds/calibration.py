@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from exert_ds.architecture import STAT_GROUP, decoder_layers
+from exert_ds.architecture import STAT_GROUP, decoder_layers, decoder_stack
 
 
 class _CaughtBlockInput(Exception):
@@ -32,7 +32,13 @@ class BlockInputs:
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, input_ids: Tensor, micro_batch: int) -> list[BlockInputs]:
     """Run the embeddings (and rotary, mask construction) of `model` on `input_ids` (N × T) and return
-    the hidden states and keyword arguments that block 0 receives, per micro-batch of sequences."""
+    the hidden states and keyword arguments that block 0 receives, per micro-batch of sequences.
+
+    The forward is cut short at block 0, so it calls the decoder stack, not the root model: a DeepSpeed
+    engine's forward hooks on the root mark every module as inside a forward and only unmark them when the
+    root's forward returns. Left marked, every later read of a partitioned weight would gather it and register
+    it with a stale module, and the next event would gather the whole model at once. Block 0's capture hook
+    goes first, so that no other pre-hook of block 0 runs either."""
     first = decoder_layers(model)[0]
     input_ids = input_ids.to(next(model.parameters()).device)
     caught: list[BlockInputs] = []
@@ -43,11 +49,12 @@ def capture_block_inputs(model: nn.Module, input_ids: Tensor, micro_batch: int) 
         caught.append(BlockInputs(hidden, rest))
         raise _CaughtBlockInput
 
-    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
+    decoder = decoder_stack(model)
     try:
         for start in range(0, input_ids.shape[0], micro_batch):
             try:
-                model(input_ids=input_ids[start : start + micro_batch], use_cache=False)
+                decoder(input_ids=input_ids[start : start + micro_batch], use_cache=False)
             except _CaughtBlockInput:
                 pass
     finally:

@@ -2,7 +2,10 @@
 
 With --train-step it first takes one optimizer step (so Adam moments are non-zero) and afterwards checks,
 on every rank, through DeepSpeed's safe accessors, that the re-drawn A and B = 0 reached the working
-partition, the full copy, the fp32 master, and that the moments follow the reset policy.
+partition, the full copy, the fp32 master, and that the moments follow the reset policy; and that the event
+left ZeRO-3's forward bookkeeping as it found it: no module still marked as inside a forward and no parameter
+registered as an external parameter of a module. (Either makes a later forward gather parameters that are not
+its own: on an H200 the next event gathered the whole 7B model at once, 24 GiB above the training peak.)
 """
 
 import argparse
@@ -49,11 +52,22 @@ for case in args.cases.split(","):
         engine.backward(engine(input_ids=ids, labels=ids).loss)
         engine.step()
 
+    def forward_bookkeeping() -> dict[str, tuple[bool, list[int]]]:
+        """Per module: is it marked as inside a forward, and the ds_ids of its external parameters."""
+        return {
+            name: (getattr(module._parameters, "_in_forward", False), [p.ds_id for _, p in module.ds_external_parameters()])
+            for name, module in engine.module.named_modules()
+        }
+
+    before = forward_bookkeeping()
     settings = PruneSettings(sparsity=0.5, scorer=scorer, pbs_mode=pbs_mode, reset_after_prune=args.policy, seed=5)
     ids = calibration_ids()  # 6 sequences: each rank takes its share
     report, _ = run_prune_event(engine.module, Zero3Backend(), settings, ids[rank::world], pbs=pbs_mode != "off")
 
     if args.train_step:
+        after = forward_bookkeeping()
+        changed = {name: (before[name], state) for name, state in after.items() if state != before[name]}
+        assert not changed, f"the event changed ZeRO-3's forward bookkeeping of {len(changed)} modules: {list(changed.items())[:3]}"
         for block in range(len(decoder_layers(engine.module))):
             for role, module in block_linears(engine.module, block).items():
                 _, a, b, _ = lora_parts(module)
