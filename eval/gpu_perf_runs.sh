@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # Issue 8 on nvidia-h200-x2, in one device call of under 10 minutes (one lease, so that the 1-GPU and 2-GPU step
 # times compare runs on the same machine):
-#   run(kind="nvidia-h200-x2", carry=[".whl"], timeout_s=600, command="bash eval/gpu_perf_runs.sh")
+#   run(kind="nvidia-h200-x2", carry=[".whl"], timeout_s=600, command="bash eval/gpu_perf_runs.sh 7b full plain1 persistent")
 # .whl/ holds the wheels of ../shared/tools/gpu-wheels.sh (deepspeed, datasets, ...), installed by gpu_setup.sh.
-#   1. the LLaMA-2-7B shape on 2 GPUs: plain steps, the calibration forward, the schedule's event, a TF32 event, the
-#      allocator trace of one more event, and two plain variants (no recompute at micro-batch 8, recompute at 16);
-#   2. the same model on 1 GPU, plain steps only (primary and the same variants), for the 1→2 GPU scaling;
-#   3. plain steps on 2 GPUs with every parameter persistent (stage3_param_persistence_threshold above the largest
-#      matrix: the frozen base is gathered once and kept whole on every GPU; LoRA and its optimizer stay sharded).
-# Calibration: 128 × 2048 tokens (issue 8's default). Every run has its own timeout and writes its JSON into $OUT
-# after each measurement; runs.log gets the tail of each run's output.
+# The first argument picks the model shape (7b: LLaMA-2-7B, 8b: LLaMA-3-8B), the others the runs, in order:
+#   full:       2 GPUs: plain steps, the calibration forward, the schedule's event, a TF32 event, the allocator trace
+#               of one more event, and two plain variants (no recompute at micro-batch 8, recompute at 16);
+#   plain1:     1 GPU, plain steps only (primary and the same variants), for the 1→2 GPU scaling;
+#   persistent: 2 GPUs, plain steps with every parameter persistent (stage3_param_persistence_threshold above the
+#               largest matrix: the frozen base is gathered once and kept whole on every GPU; LoRA and its optimizer
+#               stay sharded);
+#   profile:    2 GPUs, the model cut to 4 blocks, with the profiles of one training step and one event.
+# Calibration: 128 × 2048 tokens (issue 8's default). Every run has its own timeout (the budget left, BUDGET_S in
+# all) and writes its JSON into $OUT after each measurement; runs.log gets the tail of each run's output.
 set -uo pipefail
 source eval/gpu_setup.sh || exit 1
 OUT=${OUT:-/tmp/perf_out}
@@ -18,9 +21,12 @@ start=$(date +%s)
 budget=${BUDGET_S:-570}
 left() { echo $(( budget - ($(date +%s) - start) )); }
 
-# For a CPU smoke run of this script with a tiny config only (leave them unset on the GPUs): CFG_7B, GPU_A (the
-# 1-GPU run's --include), EXTRA (appended to every bench's arguments; later wins).
-CFG_7B=${CFG_7B:-eval/configs/llama2_7b_shape} GPU_A=${GPU_A:-localhost:0}
+shape=${1:?usage: gpu_perf_runs.sh 7b|8b RUN...}; shift
+# For a CPU smoke run of this script with a tiny config only (leave them unset on the GPUs): CFG (the model's
+# config folder), GPU_A (the 1-GPU run's --include), EXTRA (appended to every bench's arguments; later wins).
+case $shape in 7b) cfg=eval/configs/llama2_7b_shape ;; 8b) cfg=eval/configs/llama3_8b_shape ;;
+  *) echo "unknown shape $shape: 7b or 8b"; exit 2 ;; esac
+CFG=${CFG:-$cfg} GPU_A=${GPU_A:-localhost:0}
 read -r -a extra <<< "${EXTRA:-}"
 common=(--seq 1024 --micro-batch 4 --grad-ckpt --lora-r 16 --warmup 2 --steps 5 --event-every 3
         --calib-samples 128 --calib-seq 2048 --calib-micro-batch 4)
@@ -44,12 +50,20 @@ ds = json.load(open("ds_configs/zero3_bf16.json"))
 ds["zero_optimization"]["stage3_param_persistence_threshold"] = 10**10
 json.dump(ds, open("/tmp/zero3_bf16_persistent.json", "w"), indent=1)
 PY
-run 7b_2gpu 300 --num_gpus 2 --master_port 29513 eval/bench_scale.py \
-  --config-dir "$CFG_7B" "${common[@]}" --memory-trace "${variants[@]}" --out "$OUT/bench_7b_2gpu.json"
-run 7b_1gpu_plain "$(( $(left) - 100 ))" --include "$GPU_A" --master_port 29511 eval/bench_scale.py \
-  --config-dir "$CFG_7B" "${common[@]}" --plain-only "${variants[@]}" --out "$OUT/bench_7b_1gpu_plain.json"
-run 7b_2gpu_persistent "$(left)" --num_gpus 2 --master_port 29514 eval/bench_scale.py \
-  --config-dir "$CFG_7B" "${common[@]}" --plain-only "${variants[@]}" --ds-config /tmp/zero3_bf16_persistent.json \
-  --label "every parameter persistent (stage3_param_persistence_threshold 1e10)" \
-  --out "$OUT/bench_7b_2gpu_persistent.json"
+for what in "$@"; do
+  [ "$(left)" -ge 40 ] || { echo "skipped $what: $(left) s left"; continue; }
+  case $what in
+    full) run "${shape}_2gpu" "$(left)" --num_gpus 2 --master_port 29513 eval/bench_scale.py \
+            --config-dir "$CFG" "${common[@]}" --memory-trace "${variants[@]}" --out "$OUT/bench_${shape}_2gpu.json" ;;
+    plain1) run "${shape}_1gpu_plain" "$(left)" --include "$GPU_A" --master_port 29511 eval/bench_scale.py \
+            --config-dir "$CFG" "${common[@]}" --plain-only "${variants[@]}" --out "$OUT/bench_${shape}_1gpu_plain.json" ;;
+    persistent) run "${shape}_2gpu_persistent" "$(left)" --num_gpus 2 --master_port 29514 eval/bench_scale.py \
+            --config-dir "$CFG" "${common[@]}" --plain-only "${variants[@]}" --ds-config /tmp/zero3_bf16_persistent.json \
+            --label "every parameter persistent (stage3_param_persistence_threshold 1e10)" \
+            --out "$OUT/bench_${shape}_2gpu_persistent.json" ;;
+    profile) run "${shape}_4blocks_profile" "$(left)" --num_gpus 2 --master_port 29516 eval/bench_scale.py \
+            --config-dir "$CFG" --layers 4 "${common[@]}" --profile --out "$OUT/bench_${shape}_4blocks_profile_2gpu.json" ;;
+    *) echo "unknown run $what: full, plain1, persistent or profile"; exit 2 ;;
+  esac
+done
 echo "total seconds: $(( $(date +%s) - start ))"

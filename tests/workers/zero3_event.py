@@ -32,6 +32,15 @@ parser.add_argument("--out", required=True)
 parser.add_argument("--local_rank", type=int, default=0)
 args = parser.parse_args()
 
+
+def forward_bookkeeping(model: torch.nn.Module) -> dict[str, tuple[bool, list[int]]]:
+    """Per module: is it marked as inside a forward, and the ds_ids of its external parameters."""
+    return {
+        name: (getattr(module._parameters, "_in_forward", False), [p.ds_id for _, p in module.ds_external_parameters()])
+        for name, module in model.named_modules()
+    }
+
+
 deepspeed.init_distributed(dist_backend="gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 results = {}
@@ -52,22 +61,17 @@ for case in args.cases.split(","):
         engine.backward(engine(input_ids=ids, labels=ids).loss)
         engine.step()
 
-    def forward_bookkeeping() -> dict[str, tuple[bool, list[int]]]:
-        """Per module: is it marked as inside a forward, and the ds_ids of its external parameters."""
-        return {
-            name: (getattr(module._parameters, "_in_forward", False), [p.ds_id for _, p in module.ds_external_parameters()])
-            for name, module in engine.module.named_modules()
-        }
-
-    before = forward_bookkeeping()
+    before = forward_bookkeeping(engine.module)
     settings = PruneSettings(sparsity=0.5, scorer=scorer, pbs_mode=pbs_mode, reset_after_prune=args.policy, seed=5)
     ids = calibration_ids()  # 6 sequences: each rank takes its share
     report, _ = run_prune_event(engine.module, Zero3Backend(), settings, ids[rank::world], pbs=pbs_mode != "off")
 
     if args.train_step:
-        after = forward_bookkeeping()
+        after = forward_bookkeeping(engine.module)
         changed = {name: (before[name], state) for name, state in after.items() if state != before[name]}
-        assert not changed, f"the event changed ZeRO-3's forward bookkeeping of {len(changed)} modules: {list(changed.items())[:3]}"
+        assert not changed, (
+            f"the event changed ZeRO-3's forward bookkeeping of {len(changed)} modules: {list(changed.items())[:3]}"
+        )
         for block in range(len(decoder_layers(engine.module))):
             for role, module in block_linears(engine.module, block).items():
                 _, a, b, _ = lora_parts(module)
