@@ -10,6 +10,7 @@ Usage: python eval/perf_table.py --out eval/results/perf.md RUN.json [RUN.json .
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import statistics
 from pathlib import Path
@@ -39,7 +40,12 @@ def name(doc: dict[str, Any]) -> str:
     args = doc["meta"]["args"]
     model = Path(args["config_dir"]).name
     layers = f", {args['layers']} blocks" if args.get("layers") else ""
-    return f"{model}{layers}, {doc['meta']['world_size']} GPU ({run_time(doc)})"
+    label = f", {args['label']}" if args.get("label") else ""
+    return f"{model}{layers}, {doc['meta']['world_size']} GPU{label} ({run_time(doc)})"
+
+
+def started(doc: dict[str, Any]) -> datetime.datetime:
+    return datetime.datetime.fromisoformat(doc["meta"]["date"])
 
 
 def run_time(doc: dict[str, Any]) -> str:
@@ -147,27 +153,47 @@ def tf32_event_lines(docs: list[dict[str, Any]]) -> list[str]:
 
 
 def scaling_table(docs: list[dict[str, Any]]) -> list[str]:
-    """One row per 2-GPU run of a whole model, against the (last listed) 1-GPU run of the same model."""
-    runs = []
-    for doc in docs:
-        m = first(doc, "plain", variant="primary")
-        if m and not doc["meta"]["args"].get("layers"):
-            runs.append((Path(doc["meta"]["args"]["config_dir"]).name, doc, m))
-    one_gpu = {model: (doc, m) for model, doc, m in runs if doc["meta"]["world_size"] == 1}
+    """One row per plain variant of each 2-GPU run of a whole model, against the same variant of the 1-GPU run of
+    that model that started closest in time: runs of one lease, where both ran in one (step times differ between
+    machines of one kind by more than the margin of the 1.9× target)."""
+    whole = [d for d in docs if not d["meta"]["args"].get("layers") and first(d, "plain")]
+    model = {id(d): Path(d["meta"]["args"]["config_dir"]).name for d in whole}
     rows = [
-        "| model | tokens/s 1 GPU | tokens/s 2 GPUs (total) | scaling 1→2 | runs (1 GPU / 2 GPUs, UTC) |",
-        "|---|---:|---:|---:|---|",
+        "| 2-GPU run | variant | tokens/s 1 GPU | tokens/s 2 GPUs (total) | scaling 1→2 | 1-GPU run (UTC) |",
+        "|---|---|---:|---:|---:|---|",
     ]
-    for model, doc, two in runs:
-        if doc["meta"]["world_size"] != 2:
-            continue
-        one_doc, one = one_gpu.get(model, (None, None))
-        rows.append(
-            f"| {model} | {fmt(one['tokens_per_s_total'] if one else None, 0)} | {fmt(two['tokens_per_s_total'], 0)} "
-            f"| {fmt(ratio(two['tokens_per_s_total'], one['tokens_per_s_total']) if one else None, 2)}× "
-            f"| {run_time(one_doc) if one_doc else '–'} / {run_time(doc)} |"
-        )
+    for doc in (d for d in whole if d["meta"]["world_size"] == 2):
+        ones = [d for d in whole if d["meta"]["world_size"] == 1 and model[id(d)] == model[id(doc)]]
+        one_doc = min(ones, key=lambda d: abs(started(d) - started(doc)), default=None)
+        for two in phases(doc, "plain"):
+            one = first(one_doc, "plain", variant=two["variant"]) if one_doc else None
+            rows.append(
+                f"| {name(doc)} | {two['variant']} | {fmt(one['tokens_per_s_total'] if one else None, 0)} "
+                f"| {fmt(two['tokens_per_s_total'], 0)} "
+                f"| {fmt(ratio(two['tokens_per_s_total'], one['tokens_per_s_total']) if one else None, 2)}× "
+                f"| {run_time(one_doc) if one else '–'} |"
+            )
     return rows
+
+
+def memory_trace_section(docs: list[dict[str, Any]], sites: int = 6) -> list[str]:
+    """The allocator trace of one event (bench_scale --memory-trace): its peak against plain training's, and the
+    allocation sites live at the peak."""
+    out = []
+    for doc in docs:
+        trace, plain = first(doc, "memory_trace"), first(doc, "plain", variant="primary")
+        if not trace:
+            continue
+        out.append(
+            f"- {name(doc)}: allocated {fmt(trace['allocated_at_start_gib'])} GiB before the event, event peak "
+            f"{fmt(max(trace['peak_allocated_gib']))} GiB (plain training: {fmt(peak(plain))} GiB); at the peak, "
+            f"{fmt(trace['live_at_peak_from_this_call_gib'])} GiB were allocated by the event itself, in:"
+        )
+        out += [
+            f"  - {fmt(site['gib'])} GiB in {site['count']} allocations: `{site['site']}`"
+            for site in trace["top_sites_at_peak"][:sites]
+        ]
+    return out
 
 
 def profile_section(docs: list[dict[str, Any]], rows: int = 12) -> list[str]:
@@ -327,6 +353,9 @@ def render(docs: list[dict[str, Any]]) -> str:
             lines += (
                 ["## PBS alone: float32 matmuls (the default) vs TF32 (`pbs.matmul_precision: high`)", ""] + pbs + [""]
             )
+        traces = memory_trace_section(scale)
+        if traces:
+            lines += ["## What is live at a prune event's peak (allocator trace, rank 0)", ""] + traces + [""]
         prof = profile_section(scale)
         if prof:
             lines += ["## Profiles (torch.profiler)", ""] + prof

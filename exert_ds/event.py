@@ -137,7 +137,6 @@ class PruneEvent:
         self.state = state or PruneState()
         geo = geometry(model)
         self.heads = HeadGeometry(geo.num_heads, geo.num_kv_heads, geo.head_dim)
-        self._host_copies_in_flight = False
 
     @torch.no_grad()
     def run(self, calibration_ids: Tensor, sparsity: float, pbs: bool, ema: bool, progress: bool = True) -> EventReport:
@@ -157,9 +156,6 @@ class PruneEvent:
             inputs = self._prune_block(
                 block, layers[block], inputs, event, sparsity, use_pbs, want_hessian, ema, report
             )
-        if self._host_copies_in_flight:  # the asynchronous EMA copies to host memory (_remember)
-            torch.accelerator.synchronize()
-            self._host_copies_in_flight = False
         for rep in report.roles.values():
             counts = self.backend.all_reduce(
                 torch.tensor([rep.pruned, rep.held, rep.mask_changed], dtype=torch.float64)
@@ -268,16 +264,16 @@ class PruneEvent:
         return out
 
     def _remember(self, key: str, mixed: Tensor) -> None:
-        """Keep `mixed` as the EMA of `key` in host memory, float32. From an accelerator the copy goes
-        asynchronously into page-locked memory that later events reuse in place: copies into fresh pageable
-        memory were 24% of a 7B event's time on an H200 (eval/results/perf.md). `run` waits for them."""
+        """Keep `mixed` as the EMA of `key` in host memory, float32, written over the previous event's tensor in
+        place. A fresh host tensor per event meant fresh pages to fault in on every copy: device-to-host copies were
+        24% of a 7B event's time on an H200 (eval/results/perf.md). Pageable, not page-locked: torch's pinned host
+        allocator rounds every block up to a power of two, up to twice the EMA's own size, which is already one
+        float32 per held weight."""
         host = self.state.ema.get(key)
-        pinned = mixed.device.type != "cpu"
-        if host is None or host.shape != mixed.shape or host.dtype != torch.float32 or host.is_pinned() != pinned:
-            host = torch.empty(mixed.shape, dtype=torch.float32, pin_memory=pinned)
-            self.state.ema[key] = host
-        host.copy_(mixed, non_blocking=pinned)
-        self._host_copies_in_flight |= pinned
+        if host is None or host.shape != mixed.shape or host.dtype != torch.float32 or host.device.type != "cpu":
+            self.state.ema[key] = mixed.to("cpu", torch.float32, copy=True)
+        else:
+            host.copy_(mixed)
 
     def _pbs(
         self,

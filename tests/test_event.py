@@ -159,6 +159,24 @@ def test_ema_mixes_scores_across_events_and_masks_follow_it():
         assert torch.equal(w != 0, row_mask(want, 0.5)), f"{block}.{role}"
 
 
+def test_ema_state_is_overwritten_in_place_from_event_to_event():
+    """The second event writes its EMA into the first event's host tensors (no fresh host memory per event), and a
+    tensor taken from the state before the event does not alias the scores the event goes on to use."""
+    model = tiny_lora_model("llama")
+    event = PruneEvent(model, DenseBackend(), PruneSettings(sparsity=0.5, scorer="magnitude", pbs_mode="off"))
+    event.run(calibration_ids(), 0.5, pbs=False, ema=False, progress=False)
+    first = {key: (value.data_ptr(), value.clone()) for key, value in event.state.ema.items()}
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    event.run(calibration_ids(), 0.5, pbs=False, ema=True, progress=False)
+    for key, value in event.state.ema.items():
+        pointer, before = first[key]
+        assert value.data_ptr() == pointer, key
+        assert value.dtype == torch.float32 and not torch.equal(value, before), key
+
+
 def effective_weights(model):
     out = {}
     for b in range(len(decoder_layers(model))):

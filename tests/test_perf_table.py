@@ -80,7 +80,7 @@ def test_ratios_by_hand(tmp_path):
     out = tmp_path / "perf.md"
     perf_table.main(["--out", str(out), *paths])
     text = out.read_text()
-    assert "| llama2_7b_shape | 2,000 | 3,800 | 1.90× |" in text  # 3800 / 2000
+    assert "| primary | 2,000 | 3,800 | 1.90× |" in text  # 3800 / 2000
     assert "| 1.600× |" in text  # amortised 3.2 s / plain 2.0 s
     assert "| 1.100× |" in text  # peak 22 GiB / 20 GiB
     assert "3.0% / 0.3%" in text  # 6 s / (100 × 2 s), 6 s / (1000 × 2 s)
@@ -88,6 +88,24 @@ def test_ratios_by_hand(tmp_path):
     assert "| 30.0% |" in text  # mean PBS error reduction of 0.2 and 0.4
     assert "float32 PBS products 6.0 s, with TF32 (`pbs.matmul_precision: high`) 2.4 s: 2.50× faster" in text
     assert "PBS error reduction 30.0% vs 20.0%" in text
+
+
+def test_scaling_pairs_each_variant_with_the_1_gpu_run_closest_in_time(tmp_path):
+    docs = [(1, 2000.0, "2026-11-29T21:00:00+00:00"), (1, 1000.0, "2026-11-30T01:00:00+00:00")]
+    docs += [(2, 3800.0, "2026-11-30T01:10:00+00:00")]
+    paths = []
+    for i, (world, tokens, date) in enumerate(docs):
+        doc = _scale_doc(world, tokens)
+        doc["meta"]["date"] = date
+        doc["measurements"].append({**_plain(tokens * 3, 1.0, 30.0), "variant": "nockpt:8"})
+        path = tmp_path / f"run{i}.json"
+        path.write_text(json.dumps(doc))
+        paths.append(str(path))
+    out = tmp_path / "perf.md"
+    perf_table.main(["--out", str(out), *paths])
+    text = out.read_text()
+    assert "| primary | 1,000 | 3,800 | 3.80× | 2026-11-30 01:00 |" in text  # the later 1-GPU run, not the first
+    assert "| nockpt:8 | 3,000 | 11,400 | 3.80× | 2026-11-30 01:00 |" in text
 
 
 def test_seventy_b_extrapolation_by_hand(tmp_path):
