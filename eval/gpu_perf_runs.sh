@@ -7,9 +7,8 @@
 #   full:       2 GPUs: plain steps, the calibration forward, the schedule's event, a TF32 event, the allocator trace
 #               of one more event, and two plain variants (no recompute at micro-batch 8, recompute at 16);
 #   plain1:     1 GPU, plain steps only (primary and the same variants), for the 1→2 GPU scaling;
-#   persistent: 2 GPUs, plain steps with every parameter persistent (stage3_param_persistence_threshold above the
-#               largest matrix: the frozen base is gathered once and kept whole on every GPU; LoRA and its optimizer
-#               stay sharded);
+#   persistent: 2 GPUs, plain steps with ds_configs/zero3_bf16_persistent.json (every parameter persistent: the
+#               frozen base is gathered once and kept whole on every GPU; LoRA and its optimizer stay sharded);
 #   profile:    2 GPUs, the model cut to 4 blocks, with the profiles of one training step and one event.
 # Calibration: 128 × 2048 tokens (issue 8's default). Every run has its own timeout (the budget left, BUDGET_S in
 # all) and writes its JSON into $OUT after each measurement; runs.log gets the tail of each run's output.
@@ -44,12 +43,6 @@ run() {  # NAME SECONDS LAUNCHER-ARGS... -- SCRIPT-ARGS...
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >> "$OUT/runs.log"
-python3 - <<'PY'
-import json
-ds = json.load(open("ds_configs/zero3_bf16.json"))
-ds["zero_optimization"]["stage3_param_persistence_threshold"] = 10**10
-json.dump(ds, open("/tmp/zero3_bf16_persistent.json", "w"), indent=1)
-PY
 for what in "$@"; do
   [ "$(left)" -ge 40 ] || { echo "skipped $what: $(left) s left"; continue; }
   case $what in
@@ -58,7 +51,7 @@ for what in "$@"; do
     plain1) run "${shape}_1gpu_plain" "$(left)" --include "$GPU_A" --master_port 29511 eval/bench_scale.py \
             --config-dir "$CFG" "${common[@]}" --plain-only "${variants[@]}" --out "$OUT/bench_${shape}_1gpu_plain.json" ;;
     persistent) run "${shape}_2gpu_persistent" "$(left)" --num_gpus 2 --master_port 29514 eval/bench_scale.py \
-            --config-dir "$CFG" "${common[@]}" --plain-only "${variants[@]}" --ds-config /tmp/zero3_bf16_persistent.json \
+            --config-dir "$CFG" "${common[@]}" --plain-only "${variants[@]}" --ds-config ds_configs/zero3_bf16_persistent.json \
             --label "every parameter persistent (stage3_param_persistence_threshold 1e10)" \
             --out "$OUT/bench_${shape}_2gpu_persistent.json" ;;
     profile) run "${shape}_4blocks_profile" "$(left)" --num_gpus 2 --master_port 29516 eval/bench_scale.py \

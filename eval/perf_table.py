@@ -299,7 +299,7 @@ def environment_lines(docs: list[dict[str, Any]]) -> list[str]:
     for doc in docs:
         meta = doc["meta"]
         versions = ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
-        out.append(f"- {name(doc)}: {meta['date']}; {meta['device']}; {versions}; file `{Path(doc['file']).name}`")
+        out.append(f"- {name(doc)}: {meta['date']}; {meta['device']}; {versions}; file `{doc['file']}`")
         out.append(f"  command: `{meta['command']}`")
     return out
 

@@ -8,11 +8,12 @@ partitions with the same interface, so both paths run the same tensor math.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from typing import Protocol
 
 import torch
 from peft.tuners.lora import LoraLayer
-from torch import Tensor
+from torch import Tensor, nn
 
 from exert_ds.lora import lora_parts
 
@@ -52,6 +53,9 @@ class Backend(Protocol):
     world: int
 
     def linear(self, layer: LoraLayer) -> LinearAccess: ...
+
+    def whole_block(self, block: nn.Module) -> AbstractContextManager[None]:
+        """Keep `block`'s parameters whole across the several forward calls of one pass over it."""
 
     def all_reduce(self, tensor: Tensor) -> Tensor:
         """Sum over processes, in place; returns the tensor."""
@@ -121,6 +125,9 @@ class DenseBackend:
 
     def linear(self, layer: LoraLayer) -> DenseLinear:
         return DenseLinear(layer, self._optimizer)
+
+    def whole_block(self, block: nn.Module) -> AbstractContextManager[None]:
+        return nullcontext()
 
     def all_reduce(self, tensor: Tensor) -> Tensor:
         return tensor

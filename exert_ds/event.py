@@ -181,7 +181,7 @@ class PruneEvent:
         s = self.settings
         lora_layers = block_lora_layers(self.model, block)
         stats = InputStatistics(lora_layers, want_hessian)
-        with stats.recording():
+        with stats.recording(), self.backend.whole_block(layer):
             run_block(layer, inputs)
         for table in (stats.energy, stats.hessian):
             for tensor in table.values():
@@ -223,7 +223,8 @@ class PruneEvent:
             rep.mask_changed += int(((keep != previous_keep[role]) & held).sum()) if event > 0 else 0
             new_a = fresh_lora_a(tuple(a.shape), adapter_seed(s.seed, event, block, role)).to(a.device)
             acc.write_adapter(new_a, torch.zeros_like(b), s.reset_after_prune)
-        return run_block(layer, inputs)
+        with self.backend.whole_block(layer):
+            return run_block(layer, inputs)
 
     def _scores(
         self, access: dict[str, LinearAccess], effective: dict[str, Tensor], stats: InputStatistics

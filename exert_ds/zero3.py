@@ -9,6 +9,9 @@ parameters, below `stage3_param_persistence_threshold`), the fp32 master and the
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+
 import deepspeed
 import deepspeed.comm as dist
 import torch
@@ -139,6 +142,29 @@ class Zero3Linear:
                     safe_set_local_optimizer_state(param, moment, key)
 
 
+_HELD_BY_EVENT = -1  # an entry of ds_active_sub_modules no module's ds_id can equal
+
+
+@contextmanager
+def gathered_for_pass(block: nn.Module) -> Iterator[None]:
+    """Gather `block`'s parameters once and keep them gathered across the forward calls of one pass.
+
+    Without a valid trace, as in a prune event (blocks called one by one, not in training order), ZeRO-3's hooks
+    release a module's parameters after every call: a pass over 16 calibration micro-batches gathered each weight
+    16 times. The hooks release a parameter only when no module is active on it (`ds_active_sub_modules`), so an
+    entry of our own holds it until the pass is over; GatheredParameters then partitions it again. Costs one whole
+    block in memory for the pass."""
+    params = list(block.parameters())
+    with deepspeed.zero.GatheredParameters(params):
+        for param in params:
+            param.ds_active_sub_modules.add(_HELD_BY_EVENT)
+        try:
+            yield
+        finally:
+            for param in params:
+                param.ds_active_sub_modules.discard(_HELD_BY_EVENT)
+
+
 class Zero3Backend:
     """All ranks of the default process group; tensors reduced on the accelerator."""
 
@@ -149,6 +175,9 @@ class Zero3Backend:
 
     def linear(self, layer: LoraLayer) -> Zero3Linear:
         return Zero3Linear(layer, self.device)
+
+    def whole_block(self, block: nn.Module) -> AbstractContextManager[None]:
+        return gathered_for_pass(block)
 
     def all_reduce(self, tensor: Tensor) -> Tensor:
         if tensor.device == self.device:

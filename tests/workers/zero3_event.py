@@ -3,8 +3,8 @@
 With --train-step it first takes one optimizer step (so Adam moments are non-zero) and afterwards checks,
 on every rank, through DeepSpeed's safe accessors, that the re-drawn A and B = 0 reached the working
 partition, the full copy, the fp32 master, and that the moments follow the reset policy; and that the event
-left ZeRO-3's forward bookkeeping as it found it: no module still marked as inside a forward and no parameter
-registered as an external parameter of a module. (Either makes a later forward gather parameters that are not
+left ZeRO-3's forward bookkeeping as it found it: no module still marked as inside a forward, no parameter
+registered as an external parameter of a module, none held or left gathered by the event's passes. (Either makes a later forward gather parameters that are not
 its own: on an H200 the next event gathered the whole 7B model at once, 24 GiB above the training peak.)
 """
 
@@ -33,12 +33,15 @@ parser.add_argument("--local_rank", type=int, default=0)
 args = parser.parse_args()
 
 
-def forward_bookkeeping(model: torch.nn.Module) -> dict[str, tuple[bool, list[int]]]:
-    """Per module: is it marked as inside a forward, and the ds_ids of its external parameters."""
-    return {
+def forward_bookkeeping(model: torch.nn.Module) -> dict[str, tuple]:
+    """Per module: is it marked as inside a forward, the ds_ids of its external parameters; per parameter: the
+    modules active on it and whether it is gathered."""
+    modules = {
         name: (getattr(module._parameters, "_in_forward", False), [p.ds_id for _, p in module.ds_external_parameters()])
         for name, module in model.named_modules()
     }
+    params = {name: (sorted(p.ds_active_sub_modules), p.ds_status.name) for name, p in model.named_parameters()}
+    return {**modules, **params}
 
 
 deepspeed.init_distributed(dist_backend="gloo")
