@@ -267,6 +267,16 @@ def profile_tables(fn: Callable[[], Any], rows: int = 15) -> dict[str, str]:
     return tables
 
 
+def collective_counts(fn: Callable[[], Any]) -> dict[str, int]:
+    """Calls of each torch.distributed collective while `fn` runs: torch.profiler's counts of the c10d ops, which
+    every backend (NCCL, gloo) goes through."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key: e.count for e in prof.key_averages() if e.key.startswith("c10d::")}
+
+
 def environment(args: argparse.Namespace) -> dict[str, Any]:
     cuda = torch.cuda.is_available()
     return {

@@ -20,7 +20,9 @@ weights from a config.json), measured in this order, each written to --out as so
 7. `profile` (with --profile): torch.profiler tables of one training step and one prune event (PBS, EMA).
 8. `memory_trace` (with --memory-trace, CUDA only): one more prune event (PBS, EMA) with the allocator's history
    recorded; the peak's allocated memory and the allocation sites live at the peak (eval/memory_trace.py).
-9. `plain` again for each --variant (e.g. `nockpt:8`: no gradient checkpointing, micro-batch 8).
+9. `collectives` (with --count-collectives): how many collectives of each kind one more event (PBS, EMA) issues,
+   per rank (torch.profiler's c10d op counts).
+10. `plain` again for each --variant (e.g. `nockpt:8`: no gradient checkpointing, micro-batch 8).
 With --plain-only, phases 2–6 are skipped (a step-time comparison, e.g. another --ds-config).
 
 FLOPs convention (MFU): N = elements of the frozen base model's linear weights (all projections and the LM
@@ -51,6 +53,7 @@ from bench_common import (
     Results,
     add_common_args,
     calibration_share,
+    collective_counts,
     ds_config,
     environment,
     matmul_params,
@@ -96,6 +99,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--memory-trace", action="store_true", help="record the allocator during one more event")
     parser.add_argument("--plain-only", action="store_true", help="only the plain phases (primary and --variant)")
+    parser.add_argument("--count-collectives", action="store_true", help="count one more event's collectives")
     parser.add_argument("--peak-tflops", type=float, default=None)
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     add_common_args(parser)
@@ -295,6 +299,14 @@ class Bench:
             )
             self.results.add({"phase": "memory_trace", "rank": 0, **summary, **memory_record()})
 
+    def collectives(self) -> None:
+        """Collective calls of one event (PBS, EMA), by c10d op, on rank 0 (every rank issues the same ones)."""
+        args = self.args
+        counts = collective_counts(
+            lambda: self.events.run(self.calibration, args.sparsity, pbs=args.pbs != "off", ema=True, progress=False)
+        )
+        self.results.add({"phase": "collectives", "what": "one prune event (PBS, EMA)", "calls": counts})
+
     def hessian_matmul(self) -> None:
         """XᵀX for one calibration micro-batch at the model's widths: upcast to float32 first vs bf16 inputs with a
         float32 result (the event's path on CUDA). Measured on CUDA only (the bf16 path exists there only)."""
@@ -383,6 +395,8 @@ def main(argv: list[str] | None = None) -> None:
         bench.profile()
     if args.memory_trace:
         bench.memory_trace()
+    if args.count_collectives:
+        bench.collectives()
     for spec in args.variant:  # last: the first to go when a time limit cuts the run short
         ckpt, mb = parse_variant(spec)
         bench.plain(ckpt, mb, spec)

@@ -41,7 +41,8 @@ def name(doc: dict[str, Any]) -> str:
     model = Path(args["config_dir"]).name
     layers = f", {args['layers']} blocks" if args.get("layers") else ""
     label = f", {args['label']}" if args.get("label") else ""
-    return f"{model}{layers}, {doc['meta']['world_size']} GPU{label} ({run_time(doc)})"
+    unit = "CPU ranks" if doc["meta"]["device"].startswith("CPU") else "GPU"
+    return f"{model}{layers}, {doc['meta']['world_size']} {unit}{label} ({run_time(doc)})"
 
 
 def started(doc: dict[str, Any]) -> datetime.datetime:
@@ -173,6 +174,18 @@ def scaling_table(docs: list[dict[str, Any]]) -> list[str]:
                 f"| {fmt(ratio(two['tokens_per_s_total'], one['tokens_per_s_total']) if one else None, 2)}× "
                 f"| {run_time(one_doc) if one else '–'} |"
             )
+    return rows
+
+
+def collectives_section(docs: list[dict[str, Any]]) -> list[str]:
+    """Collective calls of one event per run (bench_scale --count-collectives), one column per c10d op."""
+    runs = [(doc, m) for doc in docs for m in phases(doc, "collectives")]
+    ops = sorted({op for _, m in runs for op in m["calls"]})
+    if not runs:
+        return []
+    rows = ["| run | " + " | ".join(f"`{op}`" for op in ops) + " |", "|---|" + "---:|" * len(ops)]
+    for doc, m in runs:
+        rows.append(f"| {name(doc)} | " + " | ".join(str(m["calls"].get(op, 0)) for op in ops) + " |")
     return rows
 
 
@@ -353,6 +366,9 @@ def render(docs: list[dict[str, Any]]) -> str:
             lines += (
                 ["## PBS alone: float32 matmuls (the default) vs TF32 (`pbs.matmul_precision: high`)", ""] + pbs + [""]
             )
+        counts = collectives_section(scale)
+        if counts:
+            lines += ["## Collective calls in one prune event (rank 0, torch.profiler's c10d ops)", ""] + counts + [""]
         traces = memory_trace_section(scale)
         if traces:
             lines += ["## What is live at a prune event's peak (allocator trace, rank 0)", ""] + traces + [""]

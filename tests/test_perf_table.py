@@ -67,6 +67,7 @@ def _scale_doc(world: int, tokens_total: float) -> dict:
                 "peak_allocated_gib": [22.0, 21.0],
             },
             {"phase": "event_tf32", **event, "seconds": 2.4, "pbs_error_reduction": {"q": 0.2, "k": 0.2}},
+            {"phase": "collectives", "calls": {"c10d::allgather_": 7, "c10d::allreduce_": 3}},
         ],
     }
 
@@ -88,6 +89,8 @@ def test_ratios_by_hand(tmp_path):
     assert "| 30.0% |" in text  # mean PBS error reduction of 0.2 and 0.4
     assert "float32 PBS products 6.0 s, with TF32 (`pbs.matmul_precision: high`) 2.4 s: 2.50× faster" in text
     assert "PBS error reduction 30.0% vs 20.0%" in text
+    assert "| run | `c10d::allgather_` | `c10d::allreduce_` |" in text
+    assert "| 7 | 3 |" in text
 
 
 def test_scaling_pairs_each_variant_with_the_1_gpu_run_closest_in_time(tmp_path):
