@@ -6,7 +6,7 @@ prune event (bench_scale.Bench). Measured, each written to --out as soon as know
 
 1. `plain`: --warmup + --steps LoRA training steps (s/step, peak memory per rank, host RSS).
 2. `block_forward`: each block's forward over this rank's calibration share, as the event runs it
-   (calibration.run_block after capture_block_inputs), seconds per block.
+   (calibration.run_block after capture_block_inputs, the block held gathered for the pass), seconds per block.
 3. `event`: one prune event at --sparsity with PBS (mode --pbs, default hessian): seconds, seconds per block
    (BlockTimer), peak accelerator memory per rank and host peak RSS per rank over the event.
 
@@ -20,9 +20,11 @@ from __future__ import annotations
 import torch
 from bench_common import REPO, memory_record, reset_peaks, sync, timed
 from bench_scale import Bench, build_parser
+from torch import nn
 
+from exert_ds.access import Backend
 from exert_ds.architecture import decoder_layers
-from exert_ds.calibration import capture_block_inputs, run_block
+from exert_ds.calibration import BlockInputs, capture_block_inputs, run_block
 from exert_ds.cli import shutdown_distributed
 
 DEFAULTS = {
@@ -37,6 +39,11 @@ DEFAULTS = {
 }
 
 
+def held_pass(backend: Backend, layer: nn.Module, inputs: list[BlockInputs]) -> list[BlockInputs]:
+    with backend.whole_block(layer):
+        return run_block(layer, inputs)
+
+
 def block_forward(bench: Bench) -> None:
     """Seconds of each block's forward over the calibration share (statistics-free), block after block."""
     model = bench.engine.module
@@ -45,7 +52,7 @@ def block_forward(bench: Bench) -> None:
         inputs = capture_block_inputs(model, bench.calibration, bench.args.calib_micro_batch)
         seconds = []
         for layer in decoder_layers(model):
-            took, inputs = timed(lambda layer=layer, inputs=inputs: run_block(layer, inputs))
+            took, inputs = timed(lambda layer=layer, inputs=inputs: held_pass(bench.events.backend, layer, inputs))
             seconds.append(took)
     model.train()
     del inputs
