@@ -267,7 +267,7 @@ class PruneEvent:
     def _remember(self, key: str, mixed: Tensor) -> None:
         """Keep `mixed` as the EMA of `key` in host memory, float32, written over the previous event's tensor in
         place. A fresh host tensor per event meant fresh pages to fault in on every copy: device-to-host copies were
-        24% of a 7B event's time on an H200 (eval/results/perf.md). Pageable, not page-locked: torch's pinned host
+        24% of a 7B event's time on an H200 (eval/results/perf/2026-11-29/). Pageable, not page-locked: torch's pinned host
         allocator rounds every block up to a power of two, up to twice the EMA's own size, which is already one
         float32 per held weight."""
         host = self.state.ema.get(key)

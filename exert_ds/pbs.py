@@ -23,7 +23,7 @@ def float32_matmul_precision(precision: str) -> Iterator[None]:
     """Run the block with torch's float32 matmul precision set to `precision`, then restore the caller's.
 
     "high" lets CUDA use TF32 tensor cores for the r·in² per-row Gram products, the bulk of PBS hessian's work
-    (4.7–6.6× faster on an H200, ΔB within about 4e-4 relative, eval/results/perf.md); the r×r solves stay float32.
+    (4.4–6.6× faster on an H200, ΔB within about 4e-4 relative, eval/results/perf.md and perf/2026-11-29/); the r×r solves stay float32.
     """
     before = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision(precision)
