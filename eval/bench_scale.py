@@ -282,29 +282,23 @@ class Bench:
         self.engine.train()
         step_tables = profile_tables(lambda: train_micro_step(self.engine, batch))
         self.results.add({"phase": "profile", "what": "one training step", "tables": step_tables})
-        event_tables = profile_tables(
-            lambda: self.events.run(self.calibration, args.sparsity, pbs=args.pbs != "off", ema=True, progress=False)
-        )
+        event_tables = profile_tables(self.one_more_event)
         self.results.add({"phase": "profile", "what": "one prune event (PBS, EMA)", "tables": event_tables})
+
+    def one_more_event(self) -> None:
+        """An event at --sparsity with PBS and EMA on the model as it is: what the profile, trace and count see."""
+        self.events.run(self.calibration, self.args.sparsity, pbs=self.args.pbs != "off", ema=True, progress=False)
 
     def memory_trace(self) -> None:
         """One event (PBS, EMA) with the CUDA allocator's history recorded: what is live at its peak (rank 0's)."""
         if torch.cuda.is_available():
-            args = self.args
             reset_peaks()
-            summary = traced_peak(
-                lambda: self.events.run(
-                    self.calibration, args.sparsity, pbs=args.pbs != "off", ema=True, progress=False
-                )
-            )
+            summary = traced_peak(self.one_more_event)
             self.results.add({"phase": "memory_trace", "rank": 0, **summary, **memory_record()})
 
     def collectives(self) -> None:
         """Collective calls of one event (PBS, EMA), by c10d op, on rank 0 (every rank issues the same ones)."""
-        args = self.args
-        counts = collective_counts(
-            lambda: self.events.run(self.calibration, args.sparsity, pbs=args.pbs != "off", ema=True, progress=False)
-        )
+        counts = collective_counts(self.one_more_event)
         self.results.add({"phase": "collectives", "what": "one prune event (PBS, EMA)", "calls": counts})
 
     def hessian_matmul(self) -> None:

@@ -70,14 +70,13 @@ def traced_peak(fn: Callable[[], Any], top: int = 12, max_entries: int = 1_000_0
     finally:
         torch.cuda.memory._record_memory_history(enabled=None)
     trace = snapshot["device_traces"][torch.cuda.current_device()]
-    peak_at, peak, _, _ = _replay(trace, None)
+    peak_at, peak, _, pending_at_end = _replay(trace, None)
     _, _, live, pending = _replay(trace, peak_at)
     sites: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for size, site in live.values():
         sites[site][0] += size
         sites[site][1] += 1
     ranked = sorted(sites.items(), key=lambda item: -item[1][0])[:top]
-    _, _, _, pending_at_end = _replay(trace, len(trace) - 1)
     return {
         "trace_entries": len(trace),
         "trace_full": len(trace) >= max_entries,
