@@ -141,6 +141,16 @@ def memory_record() -> dict[str, list[float]]:
     }
 
 
+def allocated_record() -> dict[str, list[float]]:
+    """Accelerator memory allocated now and the peak since the last reset_peaks(), per rank, GiB."""
+    sync()
+    acc = get_accelerator()
+    return {
+        "allocated_gib": per_rank(acc.memory_allocated() / GIB),
+        "peak_allocated_gib": per_rank(acc.max_memory_allocated() / GIB),
+    }
+
+
 def random_batches(vocab: int, micro_batch: int, seq: int, count: int, seed: int) -> list[dict[str, Tensor]]:
     """`count` distinct micro-batches of random ids on the engine's device (labels = inputs, no padding)."""
     device = torch.device(get_accelerator().current_device_name())

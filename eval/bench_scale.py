@@ -9,8 +9,9 @@ weights from a config.json), measured in this order, each written to --out as so
    tokens, in --calib-micro-batch sequences at a time, as a prune event reads them.
 3. `schedule`: --steps steps with prune events before steps K, 2K, ... (K = --event-every; PBS at every
    event, EMA from the second on, as in schedule.plan_events); wall-clock amortised per step with the events
-   included, each event's seconds (and per block), peak memory per rank. The event / forward ratio uses
-   these events (same calibration tokens as `forward`).
+   included, each event's seconds (and per block), peak memory per rank, and after each step and event the
+   memory allocated then and the phase's peak so far (where in the phase its peak is reached). The event /
+   forward ratio uses these events (same calibration tokens as `forward`).
 4. `event_tf32`: one more event (PBS, EMA) with `pbs.matmul_precision: high` (TF32 products on CUDA), right
    after the schedule's events (float32 products, the default) on the same model and calibration tokens.
 5. `hessian_matmul` (CUDA only): XᵀX of one calibration micro-batch, upcast to float32 first against bf16
@@ -52,6 +53,7 @@ from bench_common import (
     BlockTimer,
     Results,
     add_common_args,
+    allocated_record,
     calibration_share,
     collective_counts,
     ds_config,
@@ -243,12 +245,15 @@ class Bench:
         plan = [e for e in plan_events(self.cfg.prune, args.steps, args.steps) if args.final_event or not e.final]
         batches = random_batches(self.vocab, args.micro_batch, args.seq, 2, args.seed + 1)
         reset_peaks()
+        peaks = [{"after": "start", **allocated_record()}]
         step_times, events = [], []
         for step in range(args.steps):
             while plan and plan[0].step == step:
                 planned = plan.pop(0)
                 events.append(self.event(planned.sparsity, planned.pbs, planned.ema))
+                peaks.append({"after": f"event {events[-1]['event']}", **allocated_record()})
             step_times += self.step_seconds([batches[step % 2]], 1)
+            peaks.append({"after": f"step {step}", **allocated_record()})
         for planned in plan:  # the final event, when asked for
             events.append(self.event(planned.sparsity, planned.pbs, planned.ema))
         total = sum(step_times) + sum(e["seconds"] for e in events)
@@ -263,6 +268,7 @@ class Bench:
                 "event_seconds": [e["seconds"] for e in events],
                 "wall_s": total,
                 "amortised_step_s": total / args.steps,
+                "peak_so_far": peaks,
                 **memory_record(),
             }
         )

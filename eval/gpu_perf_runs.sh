@@ -9,6 +9,7 @@
 #   plain1:     1 GPU, plain steps only (primary and the same variants), for the 1→2 GPU scaling;
 #   persistent: 2 GPUs, plain steps with ds_configs/zero3_bf16_persistent.json (every parameter persistent: the
 #               frozen base is gathered once and kept whole on every GPU; LoRA and its optimizer stay sharded);
+#   persistent1: 1 GPU, the same plain steps with the same config (the scaling pair of `persistent`);
 #   profile:    2 GPUs, the model cut to 4 blocks, with the profiles of one training step and one event.
 # Calibration: 128 × 2048 tokens (issue 8's default). Every run has its own timeout (the budget left, BUDGET_S in
 # all) and writes its JSON into $OUT after each measurement; runs.log gets the tail of each run's output.
@@ -54,9 +55,13 @@ for what in "$@"; do
             --config-dir "$CFG" "${common[@]}" --plain-only "${variants[@]}" --ds-config ds_configs/zero3_bf16_persistent.json \
             --label "every parameter persistent (stage3_param_persistence_threshold 1e10)" \
             --out "$OUT/bench_${shape}_2gpu_persistent.json" ;;
+    persistent1) run "${shape}_1gpu_persistent" "$(left)" --include "$GPU_A" --master_port 29515 eval/bench_scale.py \
+            --config-dir "$CFG" "${common[@]}" --plain-only "${variants[@]}" --ds-config ds_configs/zero3_bf16_persistent.json \
+            --label "every parameter persistent (stage3_param_persistence_threshold 1e10)" \
+            --out "$OUT/bench_${shape}_1gpu_persistent.json" ;;
     profile) run "${shape}_4blocks_profile" "$(left)" --num_gpus 2 --master_port 29516 eval/bench_scale.py \
             --config-dir "$CFG" --layers 4 "${common[@]}" --profile --out "$OUT/bench_${shape}_4blocks_profile_2gpu.json" ;;
-    *) echo "unknown run $what: full, plain1, persistent or profile"; exit 2 ;;
+    *) echo "unknown run $what: full, plain1, persistent, persistent1 or profile"; exit 2 ;;
   esac
 done
 echo "total seconds: $(( $(date +%s) - start ))"
