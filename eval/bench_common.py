@@ -304,7 +304,7 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
         },
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "args": vars(args),
-        "env": {k: os.environ[k] for k in ("NCCL_NVLS_ENABLE", "CUDA_VISIBLE_DEVICES") if k in os.environ},
+        "env": {k: os.environ[k] for k in ("NCCL_NVLS_ENABLE", "NCCL_PROTO", "CUDA_VISIBLE_DEVICES") if k in os.environ},
     }
 
 

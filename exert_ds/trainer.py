@@ -269,14 +269,17 @@ def held_out_perplexity(session: Session) -> float | None:
     if session.perplexity_windows is None:
         return None
     backend = Zero3Backend()
-    result = perplexity(
-        session.engine.module,
-        session.perplexity_windows,
-        session.cfg.eval.micro_batch,
-        backend.rank,
-        backend.world,
-        backend.all_reduce,
-    )
+    try:
+        result = perplexity(
+            session.engine.module,
+            session.perplexity_windows,
+            session.cfg.eval.micro_batch,
+            backend.rank,
+            backend.world,
+            backend.all_reduce,
+        )
+    finally:  # ZeRO-3 keeps parameters gathered after no-grad forwards: free them before training goes on
+        session.engine.empty_partition_cache()
     return result["perplexity"]
 
 
