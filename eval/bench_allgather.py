@@ -22,12 +22,12 @@ import statistics
 import time
 from pathlib import Path
 
-import deepspeed
 import deepspeed.comm as dist
 import torch
 from deepspeed.accelerator import get_accelerator
 
 from exert_ds.cli import shutdown_distributed
+from exert_ds.trainer import init_distributed
 
 MIB = 2**20
 
@@ -61,7 +61,7 @@ def gather_seconds(per_rank_bytes: int, repeats: int, device: torch.device) -> f
 
 def main() -> None:
     args = parse_args()
-    deepspeed.init_distributed()
+    init_distributed()  # one GPU per rank, as the trainer's ranks
     world, acc = dist.get_world_size(), get_accelerator()
     device = torch.device(acc.current_device_name())
     cuda = torch.cuda.is_available()
