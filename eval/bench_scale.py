@@ -6,7 +6,8 @@ weights from a config.json), measured in this order, each written to --out as so
 1. `plain`: LoRA steps with no events: --warmup untimed, then --steps timed; median s/step, tokens/s/GPU,
    MFU, peak memory per rank (accelerator and host).
 2. `forward`: one forward pass of the model (no grad, eval mode) over this rank's share of the calibration
-   tokens, in --calib-micro-batch sequences at a time, as a prune event reads them.
+   tokens, in --calib-micro-batch sequences at a time, as a prune event reads them; then it frees what ZeRO-3
+   keeps gathered after such a pass, as the trainer does after its held-out perplexity.
 3. `schedule`: --steps steps with prune events before steps K, 2K, ... (K = --event-every; PBS at every
    event, EMA from the second on, as in schedule.plan_events); wall-clock amortised per step with the events
    included, each event's seconds (and per block), peak memory per rank, and after each step and event the

@@ -93,8 +93,8 @@ def schedule_table(docs: list[dict[str, Any]]) -> list[str]:
     rows = [
         "| run | K (event every K steps) | plain s/step | schedule: steps s/step | amortised s/step (events "
         "included) | wall-clock ratio | event seconds | overhead at K=100 / K=1000 | peak alloc. plain → schedule "
-        "GiB | memory ratio |",
-        "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|",
+        "GiB | memory ratio | peak first reached by |",
+        "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---|",
     ]
     for doc in docs:
         plain, sched = first(doc, "plain", variant="primary"), first(doc, "schedule")
@@ -108,9 +108,20 @@ def schedule_table(docs: list[dict[str, Any]]) -> list[str]:
             f"| {name(doc)} | {sched['event_every']} | {fmt(base, 3)} | {fmt(sched['median_step_s'], 3)} "
             f"| {fmt(sched['amortised_step_s'], 3)} | {fmt(ratio(sched['amortised_step_s'], base), 3)}× "
             f"| {', '.join(fmt(e, 1) for e in events)} | {' / '.join(pct(p) for p in projected)} "
-            f"| {fmt(peak(plain))} → {fmt(peak(sched))} | {fmt(ratio(peak(sched), peak(plain)), 3)}× |"
+            f"| {fmt(peak(plain))} → {fmt(peak(sched))} | {fmt(ratio(peak(sched), peak(plain)), 3)}× "
+            f"| {peak_reached_by(sched)} |"
         )
     return rows
+
+
+def peak_reached_by(sched: dict[str, Any]) -> str:
+    """The step or event of the schedule phase by whose end its peak had first been reached (runs that record the
+    peak so far after each step and event)."""
+    final = peak(sched)
+    for mark in sched.get("peak_so_far", []):
+        if final is not None and max(mark["peak_allocated_gib"]) >= final - 1e-6:
+            return mark["after"]
+    return "–"
 
 
 def event_table(docs: list[dict[str, Any]]) -> list[str]:
@@ -155,8 +166,8 @@ def tf32_event_lines(docs: list[dict[str, Any]]) -> list[str]:
 
 def scaling_table(docs: list[dict[str, Any]]) -> list[str]:
     """One row per plain variant of each 2-GPU run of a whole model, against the same variant of the 1-GPU run of
-    that model that started closest in time: runs of one lease, where both ran in one (step times differ between
-    machines of one kind by more than the margin of the 1.9× target)."""
+    that model with the same DeepSpeed config that started closest in time: runs of one lease, where both ran in
+    one (step times differ between machines of one kind by more than the margin of the 1.9× target)."""
     whole = [d for d in docs if not d["meta"]["args"].get("layers") and first(d, "plain")]
     model = {id(d): Path(d["meta"]["args"]["config_dir"]).name for d in whole}
     rows = [
@@ -165,7 +176,11 @@ def scaling_table(docs: list[dict[str, Any]]) -> list[str]:
     ]
     for doc in (d for d in whole if d["meta"]["world_size"] == 2):
         ones = [d for d in whole if d["meta"]["world_size"] == 1 and model[id(d)] == model[id(doc)]]
-        one_doc = min(ones, key=lambda d: abs(started(d) - started(doc)), default=None)
+        one_doc = min(
+            ones,
+            key=lambda d: (ds_config_file(d) != ds_config_file(doc), abs(started(d) - started(doc))),
+            default=None,
+        )
         for two in phases(doc, "plain"):
             one = first(one_doc, "plain", variant=two["variant"]) if one_doc else None
             rows.append(
@@ -175,6 +190,10 @@ def scaling_table(docs: list[dict[str, Any]]) -> list[str]:
                 f"| {run_time(one_doc) if one else '–'} |"
             )
     return rows
+
+
+def ds_config_file(doc: dict[str, Any]) -> str | None:
+    return doc["meta"]["args"].get("ds_config")
 
 
 def collectives_section(docs: list[dict[str, Any]]) -> list[str]:
@@ -215,8 +234,9 @@ def profile_section(docs: list[dict[str, Any]], rows: int = 12) -> list[str]:
         for m in phases(doc, "profile"):
             for key, table in m["tables"].items():
                 lines = table.splitlines()
+                totals = [line for line in lines if " time total: " in line]  # what the percentages are of
                 out += [f"**{name(doc)}: {m['what']}, top ops {key.replace('_', ' ')}**", "", "```"]
-                out += lines[: rows + 3] + ["```", ""]
+                out += lines[: rows + 3] + totals + ["```", ""]
     return out
 
 

@@ -65,6 +65,11 @@ def _scale_doc(world: int, tokens_total: float) -> dict:
                 "event_seconds": [6.0],
                 "amortised_step_s": 3.2,
                 "peak_allocated_gib": [22.0, 21.0],
+                "peak_so_far": [
+                    {"after": "step 0", "peak_allocated_gib": [20.5, 20.0]},
+                    {"after": "event 0", "peak_allocated_gib": [21.0, 22.0]},
+                    {"after": "step 1", "peak_allocated_gib": [21.0, 22.0]},
+                ],
             },
             {"phase": "event_tf32", **event, "seconds": 2.4, "pbs_error_reduction": {"q": 0.2, "k": 0.2}},
             {"phase": "collectives", "calls": {"c10d::allgather_": 7, "c10d::allreduce_": 3}},
@@ -83,7 +88,7 @@ def test_ratios_by_hand(tmp_path):
     text = out.read_text()
     assert "| primary | 2,000 | 3,800 | 1.90× |" in text  # 3800 / 2000
     assert "| 1.600× |" in text  # amortised 3.2 s / plain 2.0 s
-    assert "| 1.100× |" in text  # peak 22 GiB / 20 GiB
+    assert "| 1.100× | event 0 |" in text  # peak 22 GiB / 20 GiB, first reached (on rank 1) by event 0
     assert "3.0% / 0.3%" in text  # 6 s / (100 × 2 s), 6 s / (1000 × 2 s)
     assert "| 4.0× |" in text  # event 6 s / forward 1.5 s
     assert "| 30.0% |" in text  # mean PBS error reduction of 0.2 and 0.4
@@ -93,13 +98,16 @@ def test_ratios_by_hand(tmp_path):
     assert "| 7 | 3 |" in text
 
 
-def test_scaling_pairs_each_variant_with_the_1_gpu_run_closest_in_time(tmp_path):
-    docs = [(1, 2000.0, "2026-11-29T21:00:00+00:00"), (1, 1000.0, "2026-11-30T01:00:00+00:00")]
-    docs += [(2, 3800.0, "2026-11-30T01:10:00+00:00")]
+def test_scaling_pairs_each_variant_with_the_1_gpu_run_of_its_config_closest_in_time(tmp_path):
+    persistent = "ds_configs/zero3_bf16_persistent.json"
+    docs = [(1, 2000.0, "2026-11-29T21:00:00+00:00", None), (1, 1000.0, "2026-11-30T01:00:00+00:00", None)]
+    docs += [(1, 500.0, "2026-11-30T01:09:00+00:00", persistent), (2, 3800.0, "2026-11-30T01:10:00+00:00", None)]
+    docs += [(2, 1500.0, "2026-11-30T01:11:00+00:00", persistent)]
     paths = []
-    for i, (world, tokens, date) in enumerate(docs):
+    for i, (world, tokens, date, ds_config) in enumerate(docs):
         doc = _scale_doc(world, tokens)
         doc["meta"]["date"] = date
+        doc["meta"]["args"]["ds_config"] = ds_config
         doc["measurements"].append({**_plain(tokens * 3, 1.0, 30.0), "variant": "nockpt:8"})
         path = tmp_path / f"run{i}.json"
         path.write_text(json.dumps(doc))
@@ -107,8 +115,10 @@ def test_scaling_pairs_each_variant_with_the_1_gpu_run_closest_in_time(tmp_path)
     out = tmp_path / "perf.md"
     perf_table.main(["--out", str(out), *paths])
     text = out.read_text()
-    assert "| primary | 1,000 | 3,800 | 3.80× | 2026-11-30 01:00 |" in text  # the later 1-GPU run, not the first
+    # the later 1-GPU run of the same DeepSpeed config, not the first one, nor the closest with another config
+    assert "| primary | 1,000 | 3,800 | 3.80× | 2026-11-30 01:00 |" in text
     assert "| nockpt:8 | 3,000 | 11,400 | 3.80× | 2026-11-30 01:00 |" in text
+    assert "| primary | 500 | 1,500 | 3.00× | 2026-11-30 01:09 |" in text  # persistent with persistent
 
 
 def test_seventy_b_extrapolation_by_hand(tmp_path):
@@ -141,3 +151,17 @@ def test_seventy_b_extrapolation_by_hand(tmp_path):
     assert "= **3.7 min**" in text
     assert "= **6.7 min**" in text
     assert "Extrapolation (not a measurement)" in text
+
+
+def test_profile_tables_keep_their_totals(tmp_path):
+    header = ["---", "Name  Self CPU %", "---"]
+    table = "\n".join(header + [f"op{i}  {i}%" for i in range(20)] + ["---", "Self CPU time total: 9.5ms"])
+    doc = _scale_doc(1, 1000.0)
+    doc["measurements"].append({"phase": "profile", "what": "one training step", "tables": {"by_self_cpu_time": table}})
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(doc))
+    out = tmp_path / "perf.md"
+    perf_table.main(["--out", str(out), str(path)])
+    text = out.read_text()
+    assert "op11  11%\nSelf CPU time total: 9.5ms\n```" in text  # 12 rows, then what they are percentages of
+    assert "op12" not in text
