@@ -6,7 +6,7 @@ prune event (bench_scale.Bench). Measured, each written to --out as soon as know
 
 1. `plain`: --warmup + --steps LoRA training steps (s/step, peak memory per rank, host RSS).
 2. `block_forward`: each block's forward over this rank's calibration share, as the event runs it
-   (calibration.run_block after capture_block_inputs, the block held gathered for the pass), seconds per block.
+   (calibration.advance_block after capture_block_inputs, the block held gathered for the pass), seconds per block.
 3. `event`: one prune event at --sparsity with PBS (mode --pbs, default hessian): seconds, seconds per block
    (BlockTimer), peak accelerator memory per rank and host peak RSS per rank over the event.
 
@@ -24,7 +24,7 @@ from torch import nn
 
 from exert_ds.access import Backend
 from exert_ds.architecture import decoder_layers
-from exert_ds.calibration import BlockInputs, capture_block_inputs, run_block
+from exert_ds.calibration import BlockInputs, advance_block, capture_block_inputs
 from exert_ds.cli import shutdown_distributed
 
 DEFAULTS = {
@@ -41,7 +41,7 @@ DEFAULTS = {
 
 def held_pass(backend: Backend, layer: nn.Module, inputs: list[BlockInputs]) -> list[BlockInputs]:
     with backend.whole_block(layer):
-        return run_block(layer, inputs)
+        return advance_block(layer, inputs)
 
 
 def block_forward(bench: Bench) -> None:

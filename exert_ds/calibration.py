@@ -63,13 +63,22 @@ def capture_block_inputs(model: nn.Module, input_ids: Tensor, micro_batch: int) 
 
 
 @torch.no_grad()
-def run_block(layer: nn.Module, inputs: list[BlockInputs]) -> list[BlockInputs]:
-    """The block's outputs, micro-batch by micro-batch, as the next block's inputs."""
-    outputs = []
+def run_block(layer: nn.Module, inputs: list[BlockInputs]) -> None:
+    """Run the block over every micro-batch and keep none of its outputs: a statistics pass, whose forward hooks
+    read what the block's linears receive."""
     for item in inputs:
+        layer(item.hidden, **item.kwargs)
+
+
+@torch.no_grad()
+def advance_block(layer: nn.Module, inputs: list[BlockInputs]) -> list[BlockInputs]:
+    """Replace each micro-batch's hidden states, in `inputs` itself, by the block's outputs: the next block's
+    inputs. One micro-batch at a time, so beside the calibration share only one micro-batch of outputs exists
+    (a list of all outputs next to all inputs doubled the event's activation memory)."""
+    for i, item in enumerate(inputs):
         out = layer(item.hidden, **item.kwargs)
-        outputs.append(BlockInputs(out[0] if isinstance(out, tuple) else out, item.kwargs))
-    return outputs
+        inputs[i] = BlockInputs(out[0] if isinstance(out, tuple) else out, item.kwargs)
+    return inputs
 
 
 def gram(x: Tensor) -> Tensor:

@@ -12,12 +12,13 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from exert_ds.access import RESET_POLICIES, Backend, LinearAccess
 from exert_ds.architecture import decoder_layers, geometry
-from exert_ds.calibration import BlockInputs, InputStatistics, capture_block_inputs, run_block
+from exert_ds.calibration import BlockInputs, InputStatistics, advance_block, capture_block_inputs, run_block
 from exert_ds.foresight import (
     ROLES,
     HeadGeometry,
@@ -178,7 +179,9 @@ class PruneEvent:
         ema: bool,
         report: EventReport,
     ) -> list[BlockInputs]:
-        s = self.settings
+        """Statistics pass, pruning of the block's linears, propagation pass. The pruning's working set (float32
+        effective weights, scores, H) is gone before the propagation pass, which holds the calibration share and
+        one micro-batch of outputs."""
         lora_layers = block_lora_layers(self.model, block)
         stats = InputStatistics(lora_layers, want_hessian)
         with stats.recording(), self.backend.whole_block(layer):
@@ -186,7 +189,24 @@ class PruneEvent:
         for table in (stats.energy, stats.hessian):
             for tensor in table.values():
                 self.backend.all_reduce(tensor)
+        self._prune_linears(block, lora_layers, stats, event, sparsity, use_pbs, ema, report)
+        del stats  # H: in × in float32 per input group, not needed to propagate
+        with self.backend.whole_block(layer):
+            return advance_block(layer, inputs)
 
+    def _prune_linears(
+        self,
+        block: int,
+        lora_layers: dict[str, LoraLayer],
+        stats: InputStatistics,
+        event: int,
+        sparsity: float,
+        use_pbs: bool,
+        ema: bool,
+        report: EventReport,
+    ) -> None:
+        """Score, mask, PBS and write back every linear of the block, and re-draw its adapter."""
+        s = self.settings
         access = {role: self.backend.linear(layer) for role, layer in lora_layers.items()}
         adapters = {role: acc.adapter() for role, acc in access.items()}
         effective, previous_keep = {}, {}
@@ -223,8 +243,6 @@ class PruneEvent:
             rep.mask_changed += int(((keep != previous_keep[role]) & held).sum()) if event > 0 else 0
             new_a = fresh_lora_a(tuple(a.shape), adapter_seed(s.seed, event, block, role)).to(a.device)
             acc.write_adapter(new_a, torch.zeros_like(b), s.reset_after_prune)
-        with self.backend.whole_block(layer):
-            return run_block(layer, inputs)
 
     def _scores(
         self, access: dict[str, LinearAccess], effective: dict[str, Tensor], stats: InputStatistics

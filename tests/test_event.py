@@ -7,6 +7,7 @@ import torch
 
 from exert_ds.access import DenseBackend
 from exert_ds.architecture import block_linears, decoder_layers
+from exert_ds.calibration import advance_block, capture_block_inputs
 from exert_ds.event import PruneEvent, PruneSettings, run_prune_event
 from exert_ds.foresight import row_mask
 from exert_ds.lora import adapter_seed, fresh_lora_a, lora_parts
@@ -20,6 +21,20 @@ def pruned_weights(model):
         for b in range(len(decoder_layers(model)))
         for r, m in block_linears(model, b).items()
     }
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_advance_block_puts_each_blocks_outputs_in_place_of_its_inputs(family):
+    """Block by block, micro-batch by micro-batch, the captured inputs become the model's own hidden states."""
+    model = tiny_lora_model(family, layers=3, dtype=torch.float64).eval()
+    ids = calibration_ids()
+    with torch.no_grad():
+        want = model(input_ids=ids, output_hidden_states=True).hidden_states
+    inputs = capture_block_inputs(model, ids, micro_batch=4)
+    torch.testing.assert_close(torch.cat([item.hidden for item in inputs]), want[0])
+    for block, layer in enumerate(decoder_layers(model)[:-1]):  # the last entry of hidden_states is after the norm
+        assert advance_block(layer, inputs) is inputs
+        torch.testing.assert_close(torch.cat([item.hidden for item in inputs]), want[block + 1], msg=f"block {block}")
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])

@@ -4,8 +4,10 @@ With --train-step it first takes one optimizer step (so Adam moments are non-zer
 on every rank, through DeepSpeed's safe accessors, that the re-drawn A and B = 0 reached the working
 partition, the full copy, the fp32 master, and that the moments follow the reset policy; and that the event
 left ZeRO-3's forward bookkeeping as it found it: no module still marked as inside a forward, no parameter
-registered as an external parameter of a module, none held or left gathered by the event's passes. (Either makes a later forward gather parameters that are not
-its own: on an H200 the next event gathered the whole 7B model at once, 24 GiB above the training peak.)
+registered as an external parameter of a module, none held or left gathered by the event's passes. (Either makes
+a later forward gather parameters that are not its own: on an H200 the next event gathered the whole 7B model at
+once, 24 GiB above the training peak.) That check runs without persistent parameters: while no trace is complete,
+as in an event, DeepSpeed's own hooks release persistent parameters too, and the next training step gathers them.
 """
 
 import argparse
