@@ -51,8 +51,11 @@ def split_corpus(corpus: Path, train: Path, held_out: Path) -> None:
 
 
 def prepare(workdir: Path) -> Path:
+    """Write the corpus, the tokenizer and workdir/run.yaml. The YAML names its files by absolute path: a run YAML's
+    relative paths are read from the YAML's own folder, not from where the launcher was started."""
     from transformers import AutoTokenizer
 
+    workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     gguf = smollm2_gguf()
     tokenizer_dir = workdir / "tokenizer"
