@@ -131,23 +131,14 @@ def host_peak_gib() -> float:
 
 
 def memory_record() -> dict[str, list[float]]:
-    """Peaks since the last reset_peaks(), per rank, GiB."""
-    sync()
-    acc = get_accelerator()
-    return {
-        "peak_allocated_gib": per_rank(acc.max_memory_allocated() / GIB),
-        "peak_reserved_gib": per_rank(acc.max_memory_reserved() / GIB),
-        "host_peak_rss_gib": per_rank(host_peak_gib()),
-    }
-
-
-def allocated_record() -> dict[str, list[float]]:
-    """Accelerator memory allocated now and the peak since the last reset_peaks(), per rank, GiB."""
+    """Accelerator memory allocated now, and the peaks since the last reset_peaks(), per rank, GiB."""
     sync()
     acc = get_accelerator()
     return {
         "allocated_gib": per_rank(acc.memory_allocated() / GIB),
         "peak_allocated_gib": per_rank(acc.max_memory_allocated() / GIB),
+        "peak_reserved_gib": per_rank(acc.max_memory_reserved() / GIB),
+        "host_peak_rss_gib": per_rank(host_peak_gib()),
     }
 
 

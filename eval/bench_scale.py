@@ -54,7 +54,6 @@ from bench_common import (
     BlockTimer,
     Results,
     add_common_args,
-    allocated_record,
     calibration_share,
     collective_counts,
     ds_config,
@@ -247,15 +246,15 @@ class Bench:
         plan = [e for e in plan_events(self.cfg.prune, args.steps, args.steps) if args.final_event or not e.final]
         batches = random_batches(self.vocab, args.micro_batch, args.seq, 2, args.seed + 1)
         reset_peaks()
-        peaks = [{"after": "start", **allocated_record()}]
+        peaks = [{"after": "start", **memory_record()}]
         step_times, events = [], []
         for step in range(args.steps):
             while plan and plan[0].step == step:
                 planned = plan.pop(0)
                 events.append(self.event(planned.sparsity, planned.pbs, planned.ema))
-                peaks.append({"after": f"event {events[-1]['event']}", **allocated_record()})
+                peaks.append({"after": f"event {events[-1]['event']}", **memory_record()})
             step_times += self.step_seconds([batches[step % 2]], 1)
-            peaks.append({"after": f"step {step}", **allocated_record()})
+            peaks.append({"after": f"step {step}", **memory_record()})
         for planned in plan:  # the final event, when asked for
             events.append(self.event(planned.sparsity, planned.pbs, planned.ema))
         total = sum(step_times) + sum(e["seconds"] for e in events)

@@ -118,10 +118,8 @@ def peak_reached_by(sched: dict[str, Any]) -> str:
     """The step or event of the schedule phase by whose end its peak had first been reached (runs that record the
     peak so far after each step and event)."""
     final = peak(sched)
-    for mark in sched.get("peak_so_far", []):
-        if final is not None and max(mark["peak_allocated_gib"]) >= final - 1e-6:
-            return mark["after"]
-    return "–"
+    reached = [m["after"] for m in sched.get("peak_so_far", []) if max(m["peak_allocated_gib"]) >= (final or 0) - 1e-6]
+    return reached[0] if final is not None and reached else "–"
 
 
 def event_table(docs: list[dict[str, Any]]) -> list[str]:
