@@ -22,10 +22,10 @@ from bench_common import REPO, memory_record, reset_peaks, sync, timed
 from bench_scale import Bench, build_parser
 from torch import nn
 
-from exert_ds.access import Backend
-from exert_ds.architecture import decoder_layers
-from exert_ds.calibration import BlockInputs, advance_block, capture_block_inputs
-from exert_ds.cli import shutdown_distributed
+from exert_ds.model.architecture import decoder_layers
+from exert_ds.prune.calibration import BlockInputs, advance_block, capture_block_inputs
+from exert_ds.runtime.access import Backend
+from exert_ds.runtime.dist import shutdown_distributed
 
 DEFAULTS = {
     "config_dir": str(REPO / "eval" / "configs" / "llama3_70b_shape"),

@@ -26,8 +26,7 @@ import deepspeed.comm as dist
 import torch
 from deepspeed.accelerator import get_accelerator
 
-from exert_ds.cli import shutdown_distributed
-from exert_ds.trainer import init_distributed
+from exert_ds.runtime.dist import init_distributed, shutdown_distributed
 
 MIB = 2**20
 

@@ -32,15 +32,15 @@ from deepspeed.accelerator import get_accelerator
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
-from exert_ds import trainer  # noqa: E402
-from exert_ds.architecture import unwrap  # noqa: E402
-from exert_ds.checkpoint import TrainPosition, load_checkpoint, save_checkpoint  # noqa: E402
-from exert_ds.cli import shutdown_distributed  # noqa: E402
 from exert_ds.config import ModelConfig, PBSConfig, PruneConfig, RunConfig, TrainConfig  # noqa: E402
-from exert_ds.ds_config import load_ds_config  # noqa: E402
-from exert_ds.event import PruneEvent, PruneState, measured_sparsity  # noqa: E402
-from exert_ds.expert import MANIFEST, write_expert  # noqa: E402
-from exert_ds.zero3 import Zero3Backend  # noqa: E402
+from exert_ds.model.architecture import unwrap  # noqa: E402
+from exert_ds.prune.event import PruneEvent, PruneState, measured_sparsity  # noqa: E402
+from exert_ds.runtime.dist import init_distributed, launched_world_size, shutdown_distributed  # noqa: E402
+from exert_ds.runtime.ds_config import load_ds_config  # noqa: E402
+from exert_ds.runtime.zero3 import Zero3Backend  # noqa: E402
+from exert_ds.storage.checkpoint import TrainPosition, load_checkpoint, save_checkpoint  # noqa: E402
+from exert_ds.storage.expert import MANIFEST, write_expert  # noqa: E402
+from exert_ds.train import trainer  # noqa: E402
 
 GB = 1e9
 # Run in a fresh process; its RSS is sampled every 5 ms during the export: the growth over the RSS once the
@@ -49,7 +49,7 @@ GB = 1e9
 EXPORT_PROBE = """
 import json, sys, threading, time
 import psutil
-from exert_ds.export import export_expert
+from exert_ds.storage.export import export_expert
 proc, peak, done = psutil.Process(), [0], threading.Event()
 def sample():
     while not done.is_set():
@@ -105,8 +105,8 @@ def main() -> None:
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    ds_config = load_ds_config(args.ds_config, trainer.launched_world_size())  # checked before the group starts
-    trainer.init_distributed()
+    ds_config = load_ds_config(args.ds_config, launched_world_size())  # checked before the group starts
+    init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     work = Path(args.work_dir)
     if rank == 0:

@@ -33,9 +33,9 @@ from torch import Tensor, nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
-from exert_ds.architecture import decoder_layers, unwrap  # noqa: E402
 from exert_ds.config import CalibrationConfig, ModelConfig, PBSConfig, PruneConfig, RunConfig, TrainConfig  # noqa: E402
-from exert_ds.ds_config import load_ds_config, read_ds_config  # noqa: E402
+from exert_ds.model.architecture import decoder_layers, unwrap  # noqa: E402
+from exert_ds.runtime.ds_config import load_ds_config, read_ds_config  # noqa: E402
 
 GIB = 2**30
 # Dense bf16 tensor-core peak of one GPU (NVIDIA H100/H200 SXM datasheet, without sparsity), TFLOP/s.

@@ -35,7 +35,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from exert_ds.foresight import (  # noqa: E402
+from exert_ds.prune.foresight import (  # noqa: E402
     ROLES,
     Companion,
     HeadGeometry,
@@ -45,7 +45,7 @@ from exert_ds.foresight import (  # noqa: E402
     role_scores,
     row_mask,
 )
-from exert_ds.pbs import (  # noqa: E402
+from exert_ds.prune.pbs import (  # noqa: E402
     float32_matmul_precision,
     partial_brain_surgeon,
     partial_brain_surgeon_reference,

@@ -71,20 +71,14 @@ from bench_common import (
     timed,
 )
 from memory_trace import traced_peak
+from transformers import set_seed
 
-from exert_ds.cli import shutdown_distributed
-from exert_ds.event import PruneEvent, PruneState
-from exert_ds.pbs import partial_brain_surgeon_with_errors
-from exert_ds.schedule import plan_events
-from exert_ds.trainer import (
-    build_engine,
-    init_distributed,
-    launched_world_size,
-    prune_settings,
-    seed_everything,
-    train_micro_step,
-)
-from exert_ds.zero3 import Zero3Backend
+from exert_ds.prune.event import PruneEvent, PruneState
+from exert_ds.prune.pbs import partial_brain_surgeon_with_errors
+from exert_ds.prune.schedule import plan_events
+from exert_ds.runtime.dist import init_distributed, launched_world_size, shutdown_distributed
+from exert_ds.runtime.zero3 import Zero3Backend
+from exert_ds.train.trainer import build_engine, prune_settings, train_micro_step
 
 
 def build_parser(description: str) -> argparse.ArgumentParser:
@@ -133,7 +127,7 @@ class Bench:
         if args.calib_samples % world:
             raise SystemExit(f"--calib-samples {args.calib_samples} must be a multiple of the world size {world}")
         init_distributed()
-        seed_everything(args.seed)
+        set_seed(args.seed)
         self.engine = build_engine(self.cfg, ds)
         hf_config = self.engine.module.config
         self.vocab = hf_config.vocab_size

@@ -1,7 +1,7 @@
 """Relative-performance table (evaluation.md) from several `exert-ds eval` results files, as markdown + JSON.
 
 Usage: python eval/compare.py dense=dense.json sparse50=sparse50.json --reference dense --out eval/results/table
-writes table.md and table.json and prints the markdown. The table itself is exert_ds.compare.compare, which
+writes table.md and table.json and prints the markdown. The table itself is exert_ds.evaluation.compare.compare, which
 other scripts (the quality table) call with results dicts they already hold.
 """
 
@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from exert_ds.compare import compare
+from exert_ds.evaluation.compare import compare
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,8 +22,10 @@ OUR_CODE = ("exert_ds/", "eval/")
 
 
 def _short(frame: dict[str, Any]) -> str:
-    parts = frame["filename"].split("/")
-    return f"{'/'.join(parts[-2:])}:{frame['line']} {frame['name']}"
+    """`exert_ds/<package>/<module>.py:LINE name` for our code, the last two path parts for the rest."""
+    name = frame["filename"]
+    path = "exert_ds/" + name.rsplit("exert_ds/", 1)[1] if "exert_ds/" in name else "/".join(name.split("/")[-2:])
+    return f"{path}:{frame['line']} {frame['name']}"
 
 
 def allocation_site(frames: list[dict[str, Any]]) -> str:

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from pathlib import Path
 
-from exert_ds.config import ConfigError, load_config, parse_yaml
-from exert_ds.evaluate import add_eval_parser, eval_command
-from exert_ds.export import add_export_parser, export_command
-from exert_ds.inspection import add_inspect_parser, inspect_command
+from exert_ds.config import load_config, parse_yaml
+from exert_ds.errors import ConfigError
+from exert_ds.evaluation.evaluate import add_eval_parser, eval_command
+from exert_ds.runtime.dist import shutdown_distributed
+from exert_ds.storage.export import add_export_parser, export_command
+from exert_ds.storage.inspection import add_inspect_parser, inspect_command
 
 
 def _overrides(pairs: list[str]) -> dict:
@@ -22,25 +22,6 @@ def _overrides(pairs: list[str]) -> dict:
             raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set prune.sparsity=0.4")
         out[key] = parse_yaml(value)
     return out
-
-
-def shutdown_distributed() -> None:
-    """Leave the process group together: a rank that exits while gloo/NCCL still serves a peer can abort it."""
-    import torch.distributed
-
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        rank = torch.distributed.get_rank()
-        torch.distributed.destroy_process_group()
-        remove_deepspeed_shm_buffer(rank)
-
-
-def remove_deepspeed_shm_buffer(rank: int) -> None:
-    """DeepSpeed's CPU shared-memory all-reduce (op deepspeed_shm_comm, deepspeed 0.19.8) creates
-    /dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank> (69 MB) and never unlinks it; a
-    machine that runs many CPU jobs fills its memory with them. Remove this rank's once every rank has left."""
-    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
-    Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}").unlink(missing_ok=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "inspect":
             return inspect_command(args)
         cfg = load_config(args.config, _overrides(args.set))
-        from exert_ds import trainer  # heavy imports (deepspeed) only once the config is known to be good
+        from exert_ds.train import trainer  # heavy imports (deepspeed) only once the config is known to be good
 
         if args.command == "train":
             trainer.train(cfg, resume=args.resume)

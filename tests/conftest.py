@@ -1,5 +1,5 @@
 """Test-wide hygiene: CPU ranks that a test kills (or that exit without exert_ds's shutdown) leave DeepSpeed's
-69 MB shared-memory all-reduce buffers in /dev/shm (see exert_ds.cli.remove_deepspeed_shm_buffer); the suite
+69 MB shared-memory all-reduce buffers in /dev/shm (see exert_ds.runtime.dist.remove_deepspeed_shm_buffer); the suite
 starts ~100 launches, so remove the buffers each test created once it is over."""
 
 from __future__ import annotations

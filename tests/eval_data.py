@@ -103,7 +103,7 @@ def prune_rows_by_magnitude(model, sparsity: float = 0.5):
 
     import torch
 
-    from exert_ds.architecture import block_linears, decoder_layers
+    from exert_ds.model.architecture import block_linears, decoder_layers
 
     with torch.no_grad():
         for block in range(len(decoder_layers(model))):

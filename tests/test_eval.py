@@ -14,12 +14,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from exert_ds.cli import main
-from exert_ds.evaluate import EvalSettings, task_result
-from exert_ds.expert import write_expert
-from exert_ds.metrics import bootstrap_ci, classification_report, macro_f1
-from exert_ds.scoring import build_sequences, label_loglikelihoods
-from exert_ds.sparsity import check_promise, sparsity_report
-from exert_ds.tasks import TASKS, licensedcode_records, load_task
+from exert_ds.evaluation.evaluate import EvalSettings, task_result
+from exert_ds.evaluation.metrics import bootstrap_ci, classification_report, macro_f1
+from exert_ds.evaluation.scoring import build_sequences, label_loglikelihoods
+from exert_ds.evaluation.sparsity import check_promise, sparsity_report
+from exert_ds.evaluation.tasks import TASKS, licensedcode_records, load_task
+from exert_ds.storage.expert import write_expert
 from tests.eval_data import prune_rows_by_magnitude, save_eval_model_dir, write_task_data
 from tests.launch import deepspeed_cpu
 

@@ -5,12 +5,12 @@ import math
 import pytest
 import torch
 
-from exert_ds.access import DenseBackend
-from exert_ds.architecture import block_linears, decoder_layers
-from exert_ds.calibration import advance_block, capture_block_inputs
-from exert_ds.event import PruneEvent, PruneSettings, run_prune_event
-from exert_ds.foresight import row_mask
-from exert_ds.lora import adapter_seed, fresh_lora_a, lora_parts
+from exert_ds.model.architecture import block_linears, decoder_layers
+from exert_ds.model.lora import adapter_seed, fresh_lora_a, lora_parts
+from exert_ds.prune.calibration import advance_block, capture_block_inputs
+from exert_ds.prune.event import PruneEvent, PruneSettings, run_prune_event
+from exert_ds.prune.foresight import row_mask
+from exert_ds.runtime.access import DenseBackend
 from tests.reference import sequential_event
 from tests.tiny_models import calibration_ids, tiny_lora_model, tiny_model
 
@@ -145,7 +145,7 @@ def test_bad_settings(kwargs, match):
 def test_unknown_architecture_and_missing_lora_role():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from exert_ds.lora import attach_lora
+    from exert_ds.model.lora import attach_lora
 
     with pytest.raises(ValueError, match="GPT2LMHeadModel"):
         attach_lora(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2)), {"r": 2})

@@ -13,11 +13,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from exert_ds import sparse_codec
-from exert_ds.checkpoint import unpack_sparse
 from exert_ds.cli import main
-from exert_ds.config import ConfigError
-from exert_ds.expert import (
+from exert_ds.errors import ConfigError
+from exert_ds.model.lora import attach_lora
+from exert_ds.storage import sparse_codec
+from exert_ds.storage.checkpoint import unpack_sparse
+from exert_ds.storage.expert import (
     MANIFEST,
     check_promise,
     expert_tensors,
@@ -26,9 +27,8 @@ from exert_ds.expert import (
     rank_file,
     write_expert,
 )
-from exert_ds.export import export_expert
-from exert_ds.lora import attach_lora
-from exert_ds.safetensors_stream import SafetensorsStream
+from exert_ds.storage.export import export_expert
+from exert_ds.storage.safetensors_stream import SafetensorsStream
 from tests.fixtures import run_yaml, save_tokenizer
 from tests.launch import deepspeed_cpu
 from tests.tiny_models import tiny_model

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from exert_ds.foresight import ROLES, foresight_scores, row_mask
+from exert_ds.prune.foresight import ROLES, foresight_scores, row_mask
 
 # (hidden, heads, kv_heads, head_dim, ffn): GQA; odd sizes; head_dim ≠ hidden/heads (Qwen3-style)
 GEOMETRIES = [(24, 6, 2, 4, 40), (18, 6, 3, 3, 35), (18, 4, 2, 5, 29), (16, 4, 4, 4, 24)]

@@ -9,12 +9,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))
 from memory_trace import _replay, allocation_site  # noqa: E402
 
 HESSIAN = [
-    {"filename": "/x/exert_ds/calibration.py", "line": 98, "name": "gram"},
-    {"filename": "/x/exert_ds/calibration.py", "line": 120, "name": "accumulate"},
+    {"filename": "/x/exert_ds/prune/calibration.py", "line": 98, "name": "gram"},
+    {"filename": "/x/exert_ds/prune/calibration.py", "line": 120, "name": "accumulate"},
 ]
 PBS = [
     {"filename": "/site/torch/functional.py", "line": 5, "name": "solve"},
-    {"filename": "/x/exert_ds/pbs.py", "line": 90, "name": "partial_brain_surgeon_with_errors"},
+    {"filename": "/x/exert_ds/prune/pbs.py", "line": 90, "name": "partial_brain_surgeon_with_errors"},
 ]
 
 
@@ -23,8 +23,8 @@ def entry(action: str, addr: int, size: int, frames=None) -> dict:
 
 
 def test_allocation_site_names_the_innermost_frame_and_our_code_that_led_to_it():
-    assert allocation_site(HESSIAN) == "exert_ds/calibration.py:98 gram"
-    assert allocation_site(PBS) == "torch/functional.py:5 solve <- exert_ds/pbs.py:90 partial_brain_surgeon_with_errors"
+    assert allocation_site(HESSIAN) == "exert_ds/prune/calibration.py:98 gram"
+    assert allocation_site(PBS) == "torch/functional.py:5 solve <- exert_ds/prune/pbs.py:90 partial_brain_surgeon_with_errors"
     assert allocation_site([]) == "(no Python frame)"
 
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from exert_ds.foresight import row_mask
-from exert_ds.pbs import (
+from exert_ds.prune.foresight import row_mask
+from exert_ds.prune.pbs import (
     float32_matmul_precision,
     partial_brain_surgeon,
     partial_brain_surgeon_reference,

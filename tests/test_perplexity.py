@@ -1,4 +1,4 @@
-"""exert_ds.perplexity: token-level perplexity against a direct computation, the text windows, and the
+"""exert_ds.evaluation.perplexity: token-level perplexity against a direct computation, the text windows, and the
 2-rank ZeRO-3 result against one process."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from exert_ds.data import DataSource
-from exert_ds.perplexity import perplexity, text_windows
+from exert_ds.evaluation.perplexity import perplexity, text_windows
 from tests.fixtures import save_tokenizer, write_jsonl
 from tests.launch import deepspeed_cpu
 from tests.tiny_models import calibration_ids, tiny_lora_model, tiny_model

@@ -1,11 +1,11 @@
-"""exert_ds.quickstart.prepare: the run YAML it writes for a relative work folder (launch/quickstart.sh's default,
+"""exert_ds.demo.quickstart.prepare: the run YAML it writes for a relative work folder (launch/quickstart.sh's default,
 runs/quickstart) loads and names the files it wrote, from any working directory."""
 
 import json
 from pathlib import Path
 
-from exert_ds import quickstart
 from exert_ds.config import load_config
+from exert_ds.demo import quickstart
 
 
 def test_relative_workdir_gives_a_config_that_loads_anywhere(tmp_path, monkeypatch):

@@ -3,7 +3,7 @@
 import pytest
 
 from exert_ds.config import PruneConfig
-from exert_ds.schedule import plan_events
+from exert_ds.prune.schedule import plan_events
 
 
 def test_epoch_schedule_matches_the_authors_default():

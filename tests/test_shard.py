@@ -1,4 +1,4 @@
-"""ZeRO-3 partition geometry (exert_ds/shard.py), checked against brute force and DeepSpeed itself."""
+"""ZeRO-3 partition geometry (exert_ds/runtime/shard.py), checked against brute force and DeepSpeed itself."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from exert_ds.shard import (
+from exert_ds.runtime.shard import (
     ShardRange,
     all_shard_ranges,
     boundary_rows,
@@ -275,7 +275,7 @@ _DS_WORKER = textwrap.dedent(
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                           WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
         import deepspeed
-        from exert_ds.shard import from_row_block, row_block, shard_range, valid_mask_of_block
+        from exert_ds.runtime.shard import from_row_block, row_block, shard_range, valid_mask_of_block
         deepspeed.init_distributed(dist_backend="gloo")
         cfg = {"train_batch_size": world, "zero_optimization": {"stage": 3}}
         with deepspeed.zero.Init(config_dict_or_path=cfg):

@@ -1,4 +1,4 @@
-"""Tests of exert_ds.sparsegpt against the §8 invariants and a naive float64 OBS reference."""
+"""Tests of exert_ds.prune.sparsegpt against the §8 invariants and a naive float64 OBS reference."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from exert_ds.sparsegpt import sparsegpt_prune
+from exert_ds.prune.sparsegpt import sparsegpt_prune
 
 
 def _problem(rows: int, cols: int, seed: int = 0, dtype: torch.dtype = torch.float64, tokens: int = 512):

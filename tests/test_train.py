@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from exert_ds.architecture import LLAMA_LIKE_ROLES
+from exert_ds.model.architecture import LLAMA_LIKE_ROLES
 from tests.fixtures import run_yaml
 from tests.launch import REPO, deepspeed_cpu, torchrun_cpu
 
@@ -86,8 +86,8 @@ def test_prune_one_shot_wanda(tmp_path):
 
 def test_prune_with_trained_adapter_equals_one_process(tmp_path):
     """`exert-ds prune --adapter DIR` on 2 ranks = the 1-process event on the same model with that adapter."""
-    from exert_ds.access import DenseBackend
-    from exert_ds.event import PruneSettings, run_prune_event
+    from exert_ds.prune.event import PruneSettings, run_prune_event
+    from exert_ds.runtime.access import DenseBackend
     from tests.tiny_models import tiny_lora_model
 
     config = run_yaml(tmp_path, prune={"scorer": "foresight", "sparsity": 0.5})
@@ -101,7 +101,7 @@ def test_prune_with_trained_adapter_equals_one_process(tmp_path):
     # the same event in one process, on the same calibration windows the run used
     from exert_ds.config import load_config
     from exert_ds.data import calibration_batch
-    from exert_ds.loading import load_tokenizer
+    from exert_ds.model.loading import load_tokenizer
 
     cfg = load_config(config)
     ids = calibration_batch(cfg.calibration_sources(), load_tokenizer(cfg.model), 8, 16, cfg.train.seed)

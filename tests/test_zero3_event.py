@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from exert_ds.access import DenseBackend
-from exert_ds.event import PruneSettings, run_prune_event
+from exert_ds.prune.event import PruneSettings, run_prune_event
+from exert_ds.runtime.access import DenseBackend
 from tests.launch import deepspeed_cpu
 from tests.tiny_models import calibration_ids, tiny_lora_model
 

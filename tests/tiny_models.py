@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-from exert_ds.lora import attach_lora
+from exert_ds.model.lora import attach_lora
 
 FAMILIES = {
     # 3 query heads per KV head, hidden not a power of two, odd FFN

@@ -3,7 +3,7 @@
 Writes, under OUT (default .stage/quality_data, git-ignored; carried to the GPU machine):
 - `train/`: the fine-tuning mixtures, one gzipped JSONL per format (the run YAMLs in this folder read them):
   health = PubMedQA-L train split and MedQuAD train question types (instructions formatted with the very
-  prompts of the evaluation tasks, exert_ds/tasks.py, so training and scoring read the same text) plus MedQuAD
+  prompts of the evaluation tasks, exert_ds/evaluation/tasks.py, so training and scoring read the same text) plus MedQuAD
   train answers (question → answer instructions, domain text); legal = CUAD train split and the licence
   category of the licences in the `train` half (instructions, same prompts) plus the legal corpus (bill
   summaries) and the train-half licence texts (domain text).
@@ -27,7 +27,7 @@ import shutil
 import tarfile
 from pathlib import Path
 
-from exert_ds.tasks import TASKS, licensedcode_records
+from exert_ds.evaluation.tasks import TASKS, licensedcode_records
 
 PUBMEDQA_CONTEXT_CHARS = 1800  # ~400 tokens: prompt + answer fit the training sequence length (512)
 LICENCE_CHARS = TASKS["license_category"].max_chars["text"]

@@ -1,7 +1,7 @@
 """eval/results/quality.md (+ quality.json, the tables) from the raw JSON of run_all.py — the one command that
 regenerates them:  python3 eval/quality/table.py eval/results/quality_raw.json
 
-Per domain and sparsity, the relative-performance table of evaluation.md (exert_ds.compare) against the dense
+Per domain and sparsity, the relative-performance table of evaluation.md (exert_ds.evaluation.compare) against the dense
 LoRA expert of the same domain, for accuracy and macro-F1, with the measured sparsity of every row; then the
 PBS reconstruction-error reduction per role (TensorBoard scalars of each event that ran PBS); then the cells
 that did not finish; then the hand-written analysis.
@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from exert_ds.compare import compare
+from exert_ds.evaluation.compare import compare
 
 HERE = Path(__file__).resolve().parent
 ROLES = ("q", "k", "v", "o", "gate", "up", "down")
@@ -74,7 +74,7 @@ def main() -> None:
         f"- Command: `{raw['command']}` then `python3 eval/quality/table.py <raw json>`; configs "
         "`eval/quality/{health,legal}.yaml`, data `eval/quality/prepare_data.py`; wall time "
         f"{raw['seconds']:.0f} s for all cells.",
-        "- Tasks scored by the log-likelihood of each label after the task prompt (exert_ds/tasks.py), test splits "
+        "- Tasks scored by the log-likelihood of each label after the task prompt (exert_ds/evaluation/tasks.py), test splits "
         "(subsampled with a fixed seed where larger than `--max-examples`); 95% bootstrap intervals. Perplexity: "
         "health = MedQuAD test answers, legal = CUAD test clauses + test-half licence texts, general = State of the "
         "Union addresses 2001–2019 (forgetting). No hyper-parameter was tuned on a test split.",

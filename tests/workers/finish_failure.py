@@ -6,9 +6,10 @@ from pathlib import Path
 
 import deepspeed.comm as dist
 
-from exert_ds import trainer
-from exert_ds.cli import shutdown_distributed
-from exert_ds.config import ConfigError, load_config
+from exert_ds.config import load_config
+from exert_ds.errors import ConfigError
+from exert_ds.runtime.dist import shutdown_distributed
+from exert_ds.train import trainer
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--config", required=True)

@@ -11,9 +11,9 @@ import deepspeed
 import deepspeed.comm as dist
 import torch
 
-from exert_ds.perplexity import perplexity
-from exert_ds.trainer import held_out_perplexity
-from exert_ds.zero3 import Zero3Backend
+from exert_ds.evaluation.perplexity import perplexity
+from exert_ds.runtime.zero3 import Zero3Backend
+from exert_ds.train.trainer import held_out_perplexity
 from tests.tiny_models import calibration_ids, tiny_lora_model
 
 parser = argparse.ArgumentParser()

@@ -18,10 +18,10 @@ import deepspeed.comm as dist
 import torch
 from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
 
-from exert_ds.architecture import block_linears, decoder_layers
-from exert_ds.event import PruneSettings, run_prune_event
-from exert_ds.lora import adapter_seed, fresh_lora_a, lora_parts
-from exert_ds.zero3 import Zero3Backend, local_range, local_values
+from exert_ds.model.architecture import block_linears, decoder_layers
+from exert_ds.model.lora import adapter_seed, fresh_lora_a, lora_parts
+from exert_ds.prune.event import PruneSettings, run_prune_event
+from exert_ds.runtime.zero3 import Zero3Backend, local_range, local_values
 from tests.tiny_models import calibration_ids, tiny_lora_model
 
 parser = argparse.ArgumentParser()

@@ -11,7 +11,6 @@ DeepSpeed; at another one each rank re-cuts the per-rank files through the manif
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -32,12 +31,13 @@ from deepspeed.utils import (
 )
 from torch import Tensor, nn
 
-from exert_ds import sparse_codec
-from exert_ds.architecture import decoder_layers
-from exert_ds.config import ConfigError
-from exert_ds.lora import block_lora_layers, lora_parts
-from exert_ds.shard import all_shard_ranges
-from exert_ds.zero3 import local_range, local_values, write_partition
+from exert_ds.errors import ConfigError
+from exert_ds.model.architecture import decoder_layers
+from exert_ds.model.lora import block_lora_layers, lora_parts
+from exert_ds.runtime.shard import all_shard_ranges
+from exert_ds.runtime.zero3 import local_range, local_values, write_partition
+from exert_ds.storage import sparse_codec
+from exert_ds.storage.atomic import fsync_path, publish, sha256_file
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
@@ -58,7 +58,7 @@ class TrainPosition:
 
 
 def pack_sparse(values: Tensor) -> dict[str, Tensor | int | torch.dtype]:
-    """Non-zeros of a flat tensor in the expert's sparse storage (exert_ds/sparse_codec.py: packed bitmask + kept
+    """Non-zeros of a flat tensor in the expert's sparse storage (exert_ds/storage/sparse_codec.py: packed bitmask + kept
     values with their top byte 4-bit coded), so a checkpoint's base is as small as the final expert's."""
     flat = values.detach().reshape(-1)
     return {"numel": flat.numel(), "dtype": flat.dtype, **sparse_codec.encode(flat, sparse_codec.plan(flat))}
@@ -132,22 +132,6 @@ def _engine_scalars(engine) -> dict:
     }
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _rank_file(rank: int) -> str:
     return f"base-rank{rank:05d}.pt"
 
@@ -202,8 +186,8 @@ def save_checkpoint(
     mine = [tmp / _rank_file(rank), *_owned_engine_files(tmp, rank)]
     hashes = {}
     for path in mine:
-        _fsync(path)
-        hashes[str(path.relative_to(tmp))] = _sha256(path)
+        fsync_path(path)
+        hashes[str(path.relative_to(tmp))] = sha256_file(path)
     gathered: list[dict] = [None] * world
     dist.all_gather_object(gathered, hashes)
     if rank == 0:
@@ -232,15 +216,12 @@ def save_checkpoint(
             "files": {k: v for part in gathered for k, v in part.items()},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        _fsync(tmp / MANIFEST)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        _fsync(root)
+        publish(tmp, final)
         latest_tmp = root / f".{LATEST}.tmp"
         latest_tmp.write_text(name)
-        _fsync(latest_tmp)
+        fsync_path(latest_tmp)
         os.replace(latest_tmp, root / LATEST)
-        _fsync(root)
+        fsync_path(root)
         for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
             shutil.rmtree(old)
     dist.barrier()
@@ -277,7 +258,7 @@ def _check_file(path: Path, rel: str, manifest: dict) -> str | None:
     file = path / rel
     if rel not in manifest["files"]:
         return f"{file} is not in the manifest"
-    if not file.is_file() or _sha256(file) != manifest["files"][rel]:
+    if not file.is_file() or sha256_file(file) != manifest["files"][rel]:
         return f"{file} is missing, truncated or altered (sha256 differs from the manifest)"
     return None
 

@@ -1,4 +1,4 @@
-"""Open a sharded sparse expert directory (exert_ds.expert) as a model for evaluation, without exporting it.
+"""Open a sharded sparse expert directory (exert_ds.storage.expert) as a model for evaluation, without exporting it.
 
 The model is built from the directory's config.json (random init; partitioned as it is created under a ZeRO-3
 config) and the expert's tensors are copied in one full tensor at a time: under ZeRO-3 only rank 0 reads the
@@ -18,8 +18,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.integrations import HfDeepSpeedConfig
 
-from exert_ds.config import ConfigError, ModelConfig
-from exert_ds.expert import expert_tensors, read_manifest
+from exert_ds.config import ModelConfig
+from exert_ds.errors import ConfigError
+from exert_ds.storage.expert import expert_tensors, read_manifest
 
 
 def promised_sparsity(manifest: dict) -> float | None:

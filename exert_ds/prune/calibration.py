@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from exert_ds.architecture import STAT_GROUP, decoder_layers, decoder_stack
+from exert_ds.model.architecture import STAT_GROUP, decoder_layers, decoder_stack
 
 
 class _CaughtBlockInput(Exception):

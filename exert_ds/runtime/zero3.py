@@ -21,9 +21,9 @@ from deepspeed.utils import safe_get_local_optimizer_state, safe_set_local_fp32_
 from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 
-from exert_ds.access import RESET_POLICIES, reset_adam_moments
-from exert_ds.lora import lora_parts
-from exert_ds.shard import ShardRange, from_row_block, row_block, shard_range, valid_mask_of_block
+from exert_ds.model.lora import lora_parts
+from exert_ds.runtime.access import RESET_POLICIES, reset_adam_moments
+from exert_ds.runtime.shard import ShardRange, from_row_block, row_block, shard_range, valid_mask_of_block
 
 
 def local_range(param: nn.Parameter) -> ShardRange:

@@ -15,8 +15,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from exert_ds.architecture import block_linears, decoder_layers
-from exert_ds.foresight import ROLES
+from exert_ds.model.architecture import block_linears, decoder_layers
+from exert_ds.prune.foresight import ROLES
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]  # in-place sum over ranks
 
@@ -28,7 +28,7 @@ def _weight(module: nn.Module) -> nn.Parameter:
 
 def _zeros_and_count(weight: nn.Parameter) -> tuple[float, float]:
     if hasattr(weight, "ds_tensor"):  # ZeRO-3: this rank's valid partition elements only
-        from exert_ds.zero3 import local_values
+        from exert_ds.runtime.zero3 import local_values
 
         values = local_values(weight)
     else:

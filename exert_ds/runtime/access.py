@@ -15,7 +15,7 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 
-from exert_ds.lora import lora_parts
+from exert_ds.model.lora import lora_parts
 
 RESET_POLICIES = ("none", "zero", "keep_v")
 

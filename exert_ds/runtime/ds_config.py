@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from exert_ds.config import ConfigError
+from exert_ds.errors import ConfigError
 
 
 def read_ds_config(source: str | dict[str, Any]) -> dict[str, Any]:

@@ -15,7 +15,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.integrations import HfDeepSpeedConfig
 
-from exert_ds.config import ConfigError, ModelConfig
+from exert_ds.config import ModelConfig
+from exert_ds.errors import ConfigError
 
 
 def _location(cfg: ModelConfig) -> tuple[str, str | None]:

@@ -18,8 +18,8 @@ from string import Formatter
 import numpy as np
 import yaml
 
-from exert_ds.config import ConfigError
 from exert_ds.data import DataSource, load_records
+from exert_ds.errors import ConfigError
 
 LICENSEDCODE = "licensedcode"  # Task.source of the licence texts installed by `pip install licensedcode-data`
 

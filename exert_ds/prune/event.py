@@ -16,10 +16,10 @@ from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from exert_ds.access import RESET_POLICIES, Backend, LinearAccess
-from exert_ds.architecture import decoder_layers, geometry
-from exert_ds.calibration import BlockInputs, InputStatistics, advance_block, capture_block_inputs, run_block
-from exert_ds.foresight import (
+from exert_ds.model.architecture import decoder_layers, geometry
+from exert_ds.model.lora import adapter_seed, block_lora_layers, fresh_lora_a
+from exert_ds.prune.calibration import BlockInputs, InputStatistics, advance_block, capture_block_inputs, run_block
+from exert_ds.prune.foresight import (
     ROLES,
     HeadGeometry,
     check_sparsity,
@@ -29,14 +29,14 @@ from exert_ds.foresight import (
     role_scores,
     row_mask,
 )
-from exert_ds.lora import adapter_seed, block_lora_layers, fresh_lora_a
-from exert_ds.pbs import (
+from exert_ds.prune.pbs import (
     MATMUL_PRECISIONS,
     float32_matmul_precision,
     partial_brain_surgeon_reference,
     partial_brain_surgeon_with_errors,
 )
-from exert_ds.sparsegpt import sparsegpt_prune
+from exert_ds.prune.sparsegpt import sparsegpt_prune
+from exert_ds.runtime.access import RESET_POLICIES, Backend, LinearAccess
 
 SCORERS = ("foresight", "wanda", "magnitude", "sparsegpt")
 PBS_MODES = ("hessian", "reference", "off")

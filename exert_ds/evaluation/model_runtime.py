@@ -18,21 +18,20 @@ from deepspeed.accelerator import get_accelerator
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from exert_ds.cli import shutdown_distributed
 from exert_ds.config import ModelConfig
-from exert_ds.ds_config import load_ds_config
-from exert_ds.expert import is_expert_dir
-from exert_ds.expert_model import load_expert_model
-from exert_ds.loading import load_model, load_tokenizer
-from exert_ds.trainer import init_distributed, launched_world_size
-from exert_ds.zero3 import Zero3Backend
+from exert_ds.model.loading import load_model, load_tokenizer
+from exert_ds.runtime.dist import init_distributed, launched_world_size, shutdown_distributed
+from exert_ds.runtime.ds_config import load_ds_config
+from exert_ds.runtime.zero3 import Zero3Backend
+from exert_ds.storage.expert import is_expert_dir
+from exert_ds.storage.expert_model import load_expert_model
 
 
 @dataclass
 class Runtime:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
-    kind: str  # "hf", "gguf", "expert" (a sharded sparse expert directory, exert_ds.expert)
+    kind: str  # "hf", "gguf", "expert" (a sharded sparse expert directory, exert_ds.storage.expert)
     rank: int = 0
     world: int = 1
     zero3: bool = False

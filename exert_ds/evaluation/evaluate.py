@@ -21,10 +21,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from exert_ds.config import ConfigError, ModelConfig
+from exert_ds.config import ModelConfig
 from exert_ds.data import DataSource
-from exert_ds.metrics import classification_report
-from exert_ds.tasks import LICENSEDCODE, TASKS, get_task, licensedcode_records, load_task
+from exert_ds.errors import ConfigError
+from exert_ds.evaluation.metrics import classification_report
+from exert_ds.evaluation.tasks import LICENSEDCODE, TASKS, get_task, licensedcode_records, load_task
 
 DEFAULT_DATA_DIR = "../shared/data"
 
@@ -177,11 +178,13 @@ def task_result(examples, loglik: np.ndarray, settings: EvalSettings) -> dict[st
 
 def run_eval(settings: EvalSettings) -> dict[str, Any]:
     """The whole evaluation; returns the results dict on every rank and writes it (rank 0) to settings.out."""
-    from exert_ds.model_runtime import open_model  # deepspeed/transformers only once the flags are known good
-    from exert_ds.perplexity import perplexity, text_windows
-    from exert_ds.scoring import build_sequences, label_loglikelihoods
-    from exert_ds.sparsity import check_promise, sparsity_report
-    from exert_ds.trainer import user_errors
+    from exert_ds.errors import user_errors
+    from exert_ds.evaluation.model_runtime import (
+        open_model,  # deepspeed/transformers only once the flags are known good
+    )
+    from exert_ds.evaluation.perplexity import perplexity, text_windows
+    from exert_ds.evaluation.scoring import build_sequences, label_loglikelihoods
+    from exert_ds.evaluation.sparsity import check_promise, sparsity_report
 
     check_settings(settings)
     data_dir = resolve_data_dir(settings)

@@ -14,8 +14,8 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 
-from exert_ds.architecture import block_linears, target_module_names
-from exert_ds.foresight import ROLES
+from exert_ds.model.architecture import block_linears, target_module_names
+from exert_ds.prune.foresight import ROLES
 
 
 def attach_lora(model: nn.Module, lora_kwargs: dict, roles: tuple[str, ...] = ROLES) -> nn.Module:

@@ -14,7 +14,6 @@ Written into a hidden temporary directory, fsynced and renamed, like a training 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,13 +25,13 @@ from safetensors import safe_open
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from exert_ds import sparse_codec
-from exert_ds.architecture import block_linears, decoder_layers, unwrap
-from exert_ds.checkpoint import _fsync, _sha256
-from exert_ds.config import ConfigError
-from exert_ds.foresight import pruned_per_row
-from exert_ds.safetensors_stream import SafetensorsStream
-from exert_ds.shard import all_shard_ranges
+from exert_ds.errors import ConfigError
+from exert_ds.model.architecture import block_linears, decoder_layers, unwrap
+from exert_ds.prune.foresight import pruned_per_row
+from exert_ds.runtime.shard import all_shard_ranges
+from exert_ds.storage import sparse_codec
+from exert_ds.storage.atomic import publish, sha256_file, temporary_sibling
+from exert_ds.storage.safetensors_stream import SafetensorsStream
 
 MANIFEST = "expert_manifest.json"
 FORMAT = "exert-ds-expert"
@@ -68,7 +67,7 @@ def _shape(param: nn.Parameter) -> tuple[int, ...]:
 def _local_values(param: nn.Parameter) -> Tensor:
     """This rank's valid flat partition (ZeRO-3), or the whole parameter in a plain single process."""
     if hasattr(param, "ds_tensor"):
-        from exert_ds.zero3 import local_values
+        from exert_ds.runtime.zero3 import local_values
 
         return local_values(param)
     return param.detach().reshape(-1)
@@ -100,7 +99,7 @@ def write_expert(
     promised: every pruned row must hold at least `pruned_per_row(...)` zeros, which readers check."""
     rank, world = _rank_world()
     out = Path(out_dir)
-    tmp = out.parent / f".{out.name}.tmp"
+    tmp = temporary_sibling(out)
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -131,7 +130,7 @@ def write_expert(
     if rank == 0:
         unwrap(model).config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        hashes |= {p.name: _sha256(p) for p in tmp.iterdir() if p.is_file() and p.name not in hashes}
+        hashes |= {p.name: sha256_file(p) for p in tmp.iterdir() if p.is_file() and p.name not in hashes}
     gathered: list[dict] = [hashes] * world
     if dist.is_initialized():
         dist.all_gather_object(gathered, hashes)
@@ -145,11 +144,7 @@ def write_expert(
             "files": {k: v for part in gathered for k, v in sorted(part.items())},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        for path in tmp.iterdir():
-            _fsync(path)
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
-        _fsync(out.parent)
+        publish(tmp, out)
     _barrier()
     return out
 
@@ -184,7 +179,7 @@ def damaged_files(path: str | Path, manifest: dict) -> dict[str, str]:
         file = path / name
         if not file.is_file():
             bad[name] = "missing"
-        elif _sha256(file) != digest:
+        elif sha256_file(file) != digest:
             bad[name] = "sha256 differs (truncated or altered)"
     return bad
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -24,11 +23,11 @@ from huggingface_hub import split_state_dict_into_shards_factory
 from huggingface_hub.serialization._base import parse_size_to_int
 from tqdm.auto import tqdm
 
-from exert_ds.checkpoint import MANIFEST as CHECKPOINT_MANIFEST
-from exert_ds.checkpoint import _fsync
-from exert_ds.config import ConfigError
-from exert_ds.expert import MANIFEST, assemble, is_expert_dir, rank_file, read_manifest, verify_files
-from exert_ds.safetensors_stream import SafetensorsStream, nbytes
+from exert_ds.errors import ConfigError
+from exert_ds.storage.atomic import publish, temporary_sibling
+from exert_ds.storage.checkpoint import MANIFEST as CHECKPOINT_MANIFEST
+from exert_ds.storage.expert import MANIFEST, assemble, is_expert_dir, rank_file, read_manifest, verify_files
+from exert_ds.storage.safetensors_stream import SafetensorsStream, nbytes
 
 INDEX = "model.safetensors.index.json"
 
@@ -80,7 +79,7 @@ def export_expert(src: str | Path, out: str | Path, max_shard_size: str | int = 
         filename_pattern="model{suffix}.safetensors",
         max_shard_size=cap,
     )
-    tmp = out.parent / f".{out.name}.tmp"
+    tmp = temporary_sibling(out)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -105,15 +104,10 @@ def export_expert(src: str | Path, out: str | Path, max_shard_size: str | int = 
             (tmp / INDEX).write_text(json.dumps(index, indent=2))
         for side in _side_files(expert, manifest):
             shutil.copy2(side, tmp / side.name)
-        for path in tmp.iterdir():
-            _fsync(path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    _fsync(out.parent)
-    return out
+    return publish(tmp, out)
 
 
 def add_export_parser(sub: argparse._SubParsersAction) -> None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from exert_ds.foresight import ROLES
+from exert_ds.prune.foresight import ROLES
 
 # role → attribute path inside one decoder layer (LLaMA, Mistral, Qwen2 and Qwen3 share these names)
 LLAMA_LIKE_ROLES: dict[str, str] = {

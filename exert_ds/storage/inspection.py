@@ -14,12 +14,12 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from exert_ds.architecture import LLAMA_LIKE_ROLES
-from exert_ds.checkpoint import LATEST
-from exert_ds.checkpoint import MANIFEST as CHECKPOINT_MANIFEST
-from exert_ds.checkpoint import _rank_file as checkpoint_rank_file
-from exert_ds.config import ConfigError
-from exert_ds.expert import damaged_files, is_expert_dir, rank_file, read_manifest
+from exert_ds.errors import ConfigError
+from exert_ds.model.architecture import LLAMA_LIKE_ROLES
+from exert_ds.storage.checkpoint import LATEST
+from exert_ds.storage.checkpoint import MANIFEST as CHECKPOINT_MANIFEST
+from exert_ds.storage.checkpoint import _rank_file as checkpoint_rank_file
+from exert_ds.storage.expert import damaged_files, is_expert_dir, rank_file, read_manifest
 
 
 def _size(count: int) -> str:

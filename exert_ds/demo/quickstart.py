@@ -2,7 +2,7 @@
 dequantises) adapted to packaged health text (ICD-10-CM + HPO, corpora.py) on 2 CPU ranks, one prune event
 at 50% with PBS and the final one, dense vs sparse perplexity on held-out health text.
 
-`python -m exert_ds.quickstart WORKDIR` writes the corpus, the tokenizer and WORKDIR/run.yaml; launch/quickstart.sh
+`python -m exert_ds.demo.quickstart WORKDIR` writes the corpus, the tokenizer and WORKDIR/run.yaml; launch/quickstart.sh
 then starts `deepspeed --num_gpus 2 --module exert_ds train --config WORKDIR/run.yaml` on CPU.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from exert_ds.corpora import health_corpus
+from exert_ds.demo.corpora import health_corpus
 
 HELD_OUT_EVERY = 10  # every 10th corpus record is held out for perplexity
 

@@ -8,61 +8,36 @@ engine's partitions by event.PruneEvent + zero3.Zero3Backend → merged sparse m
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import random
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import datasets
 import deepspeed
 import deepspeed.comm as dist
-import numpy as np
 import torch
 from deepspeed.accelerator import get_accelerator
 from peft.utils import load_peft_weights
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
+from transformers import set_seed
 
-from exert_ds.architecture import geometry
-from exert_ds.checkpoint import TrainPosition, load_checkpoint, resolve_resume, save_checkpoint
-from exert_ds.config import ConfigError, RunConfig
+from exert_ds.config import RunConfig
 from exert_ds.data import build_train_dataset, calibration_batch
-from exert_ds.ds_config import load_ds_config
-from exert_ds.event import EventReport, PruneEvent, PruneSettings, PruneState, measured_sparsity
-from exert_ds.expert import write_expert
-from exert_ds.export import export_expert
-from exert_ds.loading import load_model, load_tokenizer
-from exert_ds.lora import attach_lora
-from exert_ds.perplexity import perplexity, text_windows
-from exert_ds.schedule import PlannedEvent, plan_events
-from exert_ds.zero3 import Zero3Backend
-
-
-def launched_world_size() -> int:
-    """World size as the launcher (deepspeed, torchrun, SLURM, mpirun) announces it, before init."""
-    for key in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS"):
-        if os.environ.get(key):
-            return int(os.environ[key])
-    return 1
-
-
-def init_distributed() -> None:
-    """Start the process group: NCCL on GPUs, gloo on CPU; MPI discovery when started by bare mpirun."""
-    backend = "gloo" if get_accelerator().device_name() == "cpu" else None
-    mpi = "OMPI_COMM_WORLD_SIZE" in os.environ and "MASTER_ADDR" not in os.environ
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=mpi)
-    if get_accelerator().device_name() != "cpu":
-        get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+from exert_ds.errors import ConfigError, user_errors
+from exert_ds.evaluation.perplexity import perplexity, text_windows
+from exert_ds.model.architecture import geometry
+from exert_ds.model.loading import load_model, load_tokenizer
+from exert_ds.model.lora import attach_lora
+from exert_ds.prune.event import EventReport, PruneEvent, PruneSettings, PruneState, measured_sparsity
+from exert_ds.prune.schedule import PlannedEvent, plan_events
+from exert_ds.runtime.dist import init_distributed, launched_world_size
+from exert_ds.runtime.ds_config import load_ds_config
+from exert_ds.runtime.zero3 import Zero3Backend
+from exert_ds.storage.checkpoint import TrainPosition, load_checkpoint, resolve_resume, save_checkpoint
+from exert_ds.storage.expert import write_expert
+from exert_ds.storage.export import export_expert
 
 
 class Logger:
@@ -124,17 +99,6 @@ def prune_settings(cfg: RunConfig, sparsity: float) -> PruneSettings:
     )
 
 
-@contextlib.contextmanager
-def user_errors(what: str) -> Iterator[None]:
-    """Turn the library's ValueErrors about the user's model, data or settings into one-line ConfigErrors."""
-    try:
-        yield
-    except ConfigError:
-        raise
-    except ValueError as err:
-        raise ConfigError(f"{what}: {' '.join(str(err).split())}") from err
-
-
 def check_pattern_fits(model: torch.nn.Module, n: int, m: int) -> None:
     """N:M needs M to divide every pruned matrix's input width; say so before any work is done."""
     if not m:
@@ -161,7 +125,7 @@ def build_session(cfg: RunConfig, with_training_data: bool, adapter: str | None 
     rank = dist.get_rank()
     if rank != 0:
         datasets.disable_progress_bars()
-    seed_everything(cfg.train.seed)
+    set_seed(cfg.train.seed)
     out_dir = Path(cfg.train.output_dir)
     tokenizer = load_tokenizer(cfg.model)
     dataset = None

@@ -1,0 +1,1 @@
+"""`exert-ds eval`: tasks, label scoring, perplexity, metrics, the sparsity report, the relative-performance table."""

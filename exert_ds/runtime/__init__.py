@@ -1,0 +1,1 @@
+"""How code reaches the weights: process groups, DeepSpeed config checks, ZeRO-3 shard geometry, backends."""

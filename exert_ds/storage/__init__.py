@@ -1,0 +1,1 @@
+"""What is written: atomic folders, the sparse codec, checkpoints, the sparse expert, its export and inspection."""
