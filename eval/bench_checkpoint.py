@@ -33,8 +33,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 from exert_ds.config import ModelConfig, PBSConfig, PruneConfig, RunConfig, TrainConfig  # noqa: E402
+from exert_ds.evaluation.sparsity import sparsity_report  # noqa: E402
 from exert_ds.model.architecture import unwrap  # noqa: E402
-from exert_ds.prune.event import PruneEvent, PruneState, measured_sparsity  # noqa: E402
+from exert_ds.prune.event import PruneEvent, PruneState  # noqa: E402
 from exert_ds.runtime.dist import init_distributed, launched_world_size, shutdown_distributed  # noqa: E402
 from exert_ds.runtime.ds_config import load_ds_config  # noqa: E402
 from exert_ds.runtime.zero3 import Zero3Backend  # noqa: E402
@@ -123,9 +124,9 @@ def main() -> None:
     engine = trainer.build_engine(cfg, ds_config)
     vocab = unwrap(engine.module).config.vocab_size
     ids = torch.randint(0, vocab, (1, 64), generator=torch.Generator().manual_seed(rank))
-    event = PruneEvent(engine.module, Zero3Backend(), trainer.prune_settings(cfg, args.sparsity), PruneState())
+    event = PruneEvent(engine.module, Zero3Backend(), cfg, PruneState())
     prune_s, _ = timed(lambda: event.run(ids, args.sparsity, pbs=False, ema=False))
-    sparsity = measured_sparsity(engine.module, Zero3Backend())
+    sparsity = sparsity_report(engine.module, Zero3Backend().all_reduce)["roles"]
 
     params = [p for n, p in engine.module.named_parameters() if "lora_" not in n]
     dense_bytes = sum(p.ds_numel * p.ds_tensor.element_size() for p in params)

@@ -1,7 +1,7 @@
 """What eval/bench_scale.py and eval/bench_70b_blocks.py share (issues 8 and 9).
 
 The engine is the trainer's own (`trainer.build_engine`, `trainer.train_micro_step`, `event.PruneEvent` with
-`trainer.prune_settings`), on a random-weight model built from a config.json under ZeRO-3; batches are random
+the run config), on a random-weight model built from a config.json under ZeRO-3; batches are random
 token ids (no tokenizer, no data files). Every timing is synchronised and taken as the maximum over ranks.
 Results go to one JSON document that rank 0 rewrites after every measurement, so a run that hits its
 timeout keeps what it had measured.
@@ -20,7 +20,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import deepspeed
 import deepspeed.comm as dist
@@ -33,7 +33,15 @@ from torch import Tensor, nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
-from exert_ds.config import CalibrationConfig, ModelConfig, PBSConfig, PruneConfig, RunConfig, TrainConfig  # noqa: E402
+from exert_ds.config import (  # noqa: E402
+    CalibrationConfig,
+    ModelConfig,
+    PBSConfig,
+    PbsMode,
+    PruneConfig,
+    RunConfig,
+    TrainConfig,
+)
 from exert_ds.model.architecture import decoder_layers, unwrap  # noqa: E402
 from exert_ds.runtime.ds_config import load_ds_config, read_ds_config  # noqa: E402
 
@@ -53,7 +61,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--lora-alpha", type=int, default=32)
     parser.add_argument("--sparsity", type=float, default=0.5)
-    parser.add_argument("--pbs", default="hessian", choices=("hessian", "reference", "off"))
+    parser.add_argument("--pbs", default="hessian", choices=get_args(PbsMode))
     parser.add_argument("--calib-micro-batch", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--label", default="", help="free text stored with the results")

@@ -78,7 +78,7 @@ from exert_ds.prune.pbs import partial_brain_surgeon_with_errors
 from exert_ds.prune.schedule import plan_events
 from exert_ds.runtime.dist import init_distributed, launched_world_size, shutdown_distributed
 from exert_ds.runtime.zero3 import Zero3Backend
-from exert_ds.train.trainer import build_engine, prune_settings, train_micro_step
+from exert_ds.train.trainer import build_engine, train_micro_step
 
 
 def build_parser(description: str) -> argparse.ArgumentParser:
@@ -150,9 +150,7 @@ class Bench:
         )
         self.results = Results(args.out, meta)
         self.calibration = calibration_share(self.vocab, args.calib_samples, args.calib_seq, args.seed)
-        self.events = PruneEvent(
-            self.engine.module, Zero3Backend(), prune_settings(self.cfg, args.sparsity), PruneState()
-        )
+        self.events = PruneEvent(self.engine.module, Zero3Backend(), self.cfg, PruneState())
 
     def step_seconds(self, batches: list[dict[str, torch.Tensor]], count: int) -> list[float]:
         self.engine.train()
@@ -270,8 +268,8 @@ class Bench:
 
     def event_tf32(self) -> None:
         """One event (PBS, EMA) with TF32 PBS products, on the model and EMA state the schedule left."""
-        settings = replace(self.events.settings, pbs_matmul_precision="high")
-        tf32 = PruneEvent(self.engine.module, Zero3Backend(), settings, self.events.state)
+        cfg = replace(self.cfg, pbs=replace(self.cfg.pbs, matmul_precision="high"))
+        tf32 = PruneEvent(self.engine.module, Zero3Backend(), cfg, self.events.state)
         reset_peaks()
         record = self.event(self.args.sparsity, pbs=self.args.pbs != "off", ema=True, events=tf32)
         self.results.add({"phase": "event_tf32", "pbs_matmul_precision": "high", **record, **memory_record()})

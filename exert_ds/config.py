@@ -16,18 +16,19 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
 
 from exert_ds.data import DataSource
 from exert_ds.errors import ConfigError
 from exert_ds.model.architecture import LLAMA_LIKE_ROLES
-from exert_ds.prune.event import PBS_MODES, SCORERS
 from exert_ds.prune.foresight import ROLES
-from exert_ds.prune.pbs import MATMUL_PRECISIONS
+from exert_ds.prune.pattern import pattern_problem
+from exert_ds.prune.pbs import MatmulPrecision
+from exert_ds.prune.scorers import SCORERS
+from exert_ds.runtime.access import ResetPolicy
 
-DTYPES = ("float32", "bfloat16", "float16")
 BOOKKEEPING_KEYS = ("log_every", "save_every_steps", "keep_checkpoints")  # train.* keys a resume may change
 
 
@@ -50,73 +51,114 @@ def parse_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Yaml12Loader)
 
 
+@dataclass(frozen=True)
+class Bounds:
+    """A numeric key's range, declared in its type: `Annotated[int, Bounds(gt=0)]`. `_convert` checks it."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def holds(self, value: float) -> bool:
+        return (
+            (self.ge is None or value >= self.ge)
+            and (self.gt is None or value > self.gt)
+            and (self.le is None or value <= self.le)
+            and (self.lt is None or value < self.lt)
+        )
+
+    def describe(self) -> str:
+        low = f"[{_num(self.ge)}" if self.ge is not None else f"({_num(self.gt)}" if self.gt is not None else None
+        high = f"{_num(self.le)}]" if self.le is not None else f"{_num(self.lt)})" if self.lt is not None else None
+        if low and high:
+            return f"in {low}, {high}"
+        if low:
+            return f"{'>=' if self.ge is not None else '>'} {low[1:]}"
+        return f"{'<=' if self.le is not None else '<'} {high[:-1]}"
+
+
+def _num(value: float) -> str:
+    return f"{value:g}"
+
+
+Positive = Annotated[int, Bounds(gt=0)]
+Dtype = Literal["float32", "bfloat16", "float16"]
+PbsMode = Literal["hessian", "reference", "off"]
+ScorerName = Literal[tuple(SCORERS)]  # every registered scorer (prune/scorers.py)
+
+
 @dataclass
 class ModelConfig:
     name_or_path: str = ""  # hub name, local HF directory, or a .gguf file
     gguf_file: str | None = None  # with a directory: the GGUF file inside it
     tokenizer: str | None = None  # defaults to the model's own
-    dtype: str = "bfloat16"
+    dtype: Dtype = "bfloat16"
     attn_implementation: str | None = None  # sdpa, eager, flash_attention_2 (HF names)
     revision: str | None = None
     trust_remote_code: bool = False
-    init: str = "pretrained"  # "random": build from the config.json alone (scale tests with random weights)
+    init: Literal["pretrained", "random"] = (
+        "pretrained"  # "random": build from the config.json alone (scale tests with random weights)
+    )
 
 
 @dataclass
 class DataConfig:
     train: list[DataSource] = field(default_factory=list)
-    seq_len: int = 512
+    seq_len: Positive = 512
     packing: bool = True
 
 
 @dataclass
 class CalibrationConfig:
     sources: list[DataSource] = field(default_factory=list)  # empty: the training sources
-    num_samples: int = 128
-    seq_len: int = 2048
-    micro_batch: int = 4
+    num_samples: Positive = 128
+    seq_len: Positive = 2048
+    micro_batch: Positive = 4
 
 
 @dataclass
 class PruneConfig:
     enabled: bool = True
-    scorer: str = "foresight"
-    sparsity: float = 0.5
+    scorer: ScorerName = "foresight"
+    sparsity: float = 0.5  # with n and m: the pattern rule of prune/pattern.py
     n: int = 0  # N:M pattern (0:0 = unstructured)
     m: int = 0
-    every_steps: int | None = None  # None: the epoch schedule of algorithm.md §6
-    start_step: int = 0
-    ramp: str = "none"  # "cubic": Zhu & Gupta ramp from 0 to sparsity over the events
-    ema_eta: float = 0.5
+    every_steps: Positive | None = None  # None: the epoch schedule of algorithm.md §6
+    start_step: Annotated[int, Bounds(ge=0)] = 0
+    ramp: Literal["none", "cubic"] = "none"  # "cubic": Zhu & Gupta ramp from 0 to sparsity over the events
+    ema_eta: Annotated[float, Bounds(gt=0, le=1)] = 0.5
 
 
 @dataclass
 class PBSConfig:
-    mode: str = "hessian"
-    reg: float | None = None  # default per mode: 1e-2 (hessian, relative), 1e-8 (reference)
-    keep_weight: float = 1.0
-    matmul_precision: str = "highest"  # hessian mode's float32 products: highest (float32) | high (TF32 on CUDA)
+    mode: PbsMode = "hessian"
+    reg: Annotated[float, Bounds(ge=0)] | None = None  # default per mode: 1e-2 (hessian, relative), 1e-8 (reference)
+    keep_weight: Annotated[float, Bounds(ge=0, le=1)] = 1.0
+    matmul_precision: MatmulPrecision = (
+        "highest"  # hessian mode's float32 products: highest (float32) | high (TF32 on CUDA)
+    )
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 2
-    max_steps: int | None = None  # cap on optimizer steps (None: epochs × steps per epoch)
+    epochs: Positive = 2
+    max_steps: Positive | None = None  # cap on optimizer steps (None: epochs × steps per epoch)
     seed: int = 0
     output_dir: str = "runs/exert"
-    log_every: int = 10
+    log_every: Positive = 10
     gradient_checkpointing: bool = False
-    reset_after_prune: str = "none"  # Adam moments after an event: none, zero, keep_v
-    save_every_steps: int | None = None  # checkpoints also after every prune event and at the end
-    keep_checkpoints: int = 2
+    reset_after_prune: ResetPolicy = "none"  # Adam moments after an event (algorithm.md §5)
+    save_every_steps: Positive | None = None  # checkpoints also after every prune event and at the end
+    keep_checkpoints: Positive = 2
 
 
 @dataclass
 class EvalConfig:
     perplexity: list[DataSource] = field(default_factory=list)  # held-out text; empty: no perplexity
-    window: int = 256
-    max_windows: int | None = 32
-    micro_batch: int = 4
+    window: Positive = 256
+    max_windows: Positive | None = 32
+    micro_batch: Positive = 4
 
 
 @dataclass
@@ -154,7 +196,7 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     """Build dataclass `cls` from a mapping, checking keys and value types recursively."""
     if not isinstance(raw, dict):
         raise ConfigError(f"config section '{where or 'top level'}' must be a mapping, got {type(raw).__name__}")
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     names = [f.name for f in dataclasses.fields(cls)]
     values = {}
     for key, value in raw.items():
@@ -171,8 +213,25 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     return cls(**values)
 
 
+def _choices(options: tuple) -> str:
+    names = [repr(o) for o in options]
+    return " or ".join(names) if len(names) == 2 else f"one of {', '.join(names)}"
+
+
 def _convert(tp: Any, value: Any, path: str) -> Any:
     origin = typing.get_origin(tp)
+    if origin is Annotated:
+        base, *constraints = typing.get_args(tp)
+        value = _convert(base, value, path)
+        for bounds in constraints:
+            if isinstance(bounds, Bounds) and not bounds.holds(value):
+                raise ConfigError(f"config key '{path}' must be {bounds.describe()}, got {value}")
+        return value
+    if origin is Literal:
+        options = typing.get_args(tp)
+        if value not in options or isinstance(value, bool):
+            raise ConfigError(f"config key '{path}' must be {_choices(options)}, got {value!r}")
+        return value
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(tp)
         if value is None and type(None) in options:
@@ -217,67 +276,47 @@ def _check(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def check_typed(section: Any, where: str) -> None:
+    """Check a section built in code (not read from YAML) against its declared types, choices and bounds: the
+    same checks and messages as a YAML value gets."""
+    hints = typing.get_type_hints(type(section), include_extras=True)
+    for f in dataclasses.fields(section):
+        value, path = getattr(section, f.name), f"{where}.{f.name}"
+        if dataclasses.is_dataclass(value):
+            check_typed(value, path)
+        elif isinstance(value, list) and value and all(dataclasses.is_dataclass(v) for v in value):
+            for i, item in enumerate(value):
+                check_typed(item, f"{path}[{i}]")
+        else:
+            _convert(hints[f.name], value, path)
+
+
+def _check_pruning(cfg: RunConfig) -> None:
+    """The rules that tie keys together: the sparsity pattern, and what the chosen scorer allows."""
+    p = cfg.prune
+    _check(not pattern_problem(p.sparsity, p.n, p.m), pattern_problem(p.sparsity, p.n, p.m))
+    _check(
+        not (SCORERS[p.scorer].updates_weights and cfg.pbs.mode != "off"),
+        f"prune.scorer '{p.scorer}' updates the weights itself: set 'pbs.mode: off'",
+    )
+
+
+def check_event_sections(cfg: RunConfig) -> None:
+    """What a prune event reads (prune, pbs, calibration, train), checked as `validate` checks it: for configs
+    built in code (tests, benchmarks) as much as for YAML."""
+    for name in ("prune", "pbs", "calibration", "train"):
+        check_typed(getattr(cfg, name), name)
+    _check_pruning(cfg)
+
+
 def validate(cfg: RunConfig, base_dir: Path) -> None:
-    """Ranges, choices and files; DeepSpeed's own JSON is checked by `ds_config.load_ds_config`."""
+    """What the types cannot say (their choices and bounds are checked as the YAML is read): required keys, the
+    rules that tie keys together, and files. DeepSpeed's own JSON is checked by `ds_config.load_ds_config`."""
     _check(
         bool(cfg.model.name_or_path), "config key 'model.name_or_path' is required (hub name, HF directory or .gguf)"
     )
-    _check(
-        cfg.model.init in ("pretrained", "random"),
-        f"config key 'model.init' must be 'pretrained' or 'random', got {cfg.model.init!r}",
-    )
-    _check(cfg.model.dtype in DTYPES, f"config key 'model.dtype' must be one of {DTYPES}, got {cfg.model.dtype!r}")
-    p = cfg.prune
-    _check(p.scorer in SCORERS, f"config key 'prune.scorer' must be one of {SCORERS}, got {p.scorer!r}")
-    _check(0.0 <= p.sparsity < 1.0, f"config key 'prune.sparsity' must be in [0, 1), got {p.sparsity}")
-    if p.n or p.m:
-        _check(0 < p.n < p.m, f"config keys 'prune.n'/'prune.m' need 0 < n < m (e.g. 2 and 4), got {p.n}:{p.m}")
-    _check(
-        p.every_steps is None or p.every_steps > 0, f"config key 'prune.every_steps' must be > 0, got {p.every_steps}"
-    )
-    _check(p.start_step >= 0, f"config key 'prune.start_step' must be >= 0, got {p.start_step}")
-    _check(p.ramp in ("none", "cubic"), f"config key 'prune.ramp' must be 'none' or 'cubic', got {p.ramp!r}")
-    _check(0.0 < p.ema_eta <= 1.0, f"config key 'prune.ema_eta' must be in (0, 1], got {p.ema_eta}")
-    _check(cfg.pbs.mode in PBS_MODES, f"config key 'pbs.mode' must be one of {PBS_MODES}, got {cfg.pbs.mode!r}")
-    _check(
-        not (p.scorer == "sparsegpt" and cfg.pbs.mode != "off"),
-        "prune.scorer 'sparsegpt' updates the weights itself: set 'pbs.mode: off'",
-    )
-    _check(cfg.pbs.reg is None or cfg.pbs.reg >= 0, f"config key 'pbs.reg' must be >= 0, got {cfg.pbs.reg}")
-    _check(
-        0.0 <= cfg.pbs.keep_weight <= 1.0, f"config key 'pbs.keep_weight' must be in [0, 1], got {cfg.pbs.keep_weight}"
-    )
-    _check(
-        cfg.pbs.matmul_precision in MATMUL_PRECISIONS,
-        f"config key 'pbs.matmul_precision' must be one of {MATMUL_PRECISIONS}, got {cfg.pbs.matmul_precision!r}",
-    )
+    _check_pruning(cfg)
     _check_lora(cfg)
-    c, t = cfg.calibration, cfg.train
-    for key, value in (
-        ("calibration.num_samples", c.num_samples),
-        ("calibration.seq_len", c.seq_len),
-        ("calibration.micro_batch", c.micro_batch),
-        ("data.seq_len", cfg.data.seq_len),
-        ("train.epochs", t.epochs),
-        ("train.log_every", t.log_every),
-        ("eval.window", cfg.eval.window),
-        ("train.keep_checkpoints", t.keep_checkpoints),
-        ("eval.micro_batch", cfg.eval.micro_batch),
-    ):
-        _check(value > 0, f"config key '{key}' must be > 0, got {value}")
-    _check(t.max_steps is None or t.max_steps > 0, f"config key 'train.max_steps' must be > 0, got {t.max_steps}")
-    _check(
-        t.save_every_steps is None or t.save_every_steps > 0,
-        f"config key 'train.save_every_steps' must be > 0, got {t.save_every_steps}",
-    )
-    _check(
-        cfg.eval.max_windows is None or cfg.eval.max_windows > 0,
-        f"config key 'eval.max_windows' must be > 0, got {cfg.eval.max_windows}",
-    )
-    _check(
-        t.reset_after_prune in ("none", "zero", "keep_v"),
-        f"config key 'train.reset_after_prune' must be none, zero or keep_v, got {t.reset_after_prune!r}",
-    )
     _check(
         bool(cfg.data.train),
         "config key 'data.train' needs at least one source (path: a .jsonl/.json/.parquet file, directory or hub dataset)",
@@ -298,13 +337,14 @@ def _check_lora(cfg: RunConfig) -> None:
         f"config key 'lora.r' must be a positive int, got {r!r}",
     )
     targets = cfg.lora.get("target_modules")
-    if targets is None or not (cfg.prune.enabled and cfg.prune.scorer == "foresight"):
+    if targets is None or not (cfg.prune.enabled and SCORERS[cfg.prune.scorer].needs_all_roles):
         return
     names = {role: path.rsplit(".", 1)[-1] for role, path in LLAMA_LIKE_ROLES.items()}
     missing = [names[role] for role in ROLES if names[role] not in targets]
     _check(
         not missing,
-        f"config key 'lora.target_modules' lacks {missing}: the foresight scorer needs LoRA on all seven projections",
+        f"config key 'lora.target_modules' lacks {missing}: the {cfg.prune.scorer} scorer needs LoRA on all seven "
+        "projections",
     )
 
 

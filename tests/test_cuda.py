@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from exert_ds.prune.calibration import gram
-from exert_ds.prune.event import PruneEvent, PruneSettings
+from exert_ds.prune.event import PruneEvent
 from exert_ds.prune.foresight import row_mask
 from exert_ds.prune.pbs import float32_matmul_precision, partial_brain_surgeon_with_errors
 from exert_ds.runtime.access import DenseBackend
-from tests.tiny_models import calibration_ids, tiny_lora_model
+from tests.tiny_models import calibration_ids, event_config, tiny_lora_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -48,7 +48,7 @@ def test_pbs_with_tf32_products_stays_close_to_float64_and_still_reduces_the_err
 def test_ema_copied_to_host_memory_matches_the_cpu_event_and_is_reused():
     """Two events (the second with EMA) on CUDA and on CPU from the same model: the same host EMA, float32, in host
     buffers that the second event overwrites in place."""
-    settings = PruneSettings(sparsity=0.5, scorer="magnitude", pbs_mode="off")
+    settings = event_config(sparsity=0.5, scorer="magnitude", pbs_mode="off")
     states = {}
     for device in ("cpu", "cuda"):
         model = tiny_lora_model("llama", dtype=torch.float64).to(device)

@@ -118,9 +118,9 @@ def test_row_mask_n_m():
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        ({"sparsity": 1.0}, "outside"),
-        ({"sparsity": -0.1}, "outside"),
-        ({"sparsity": 0, "n": 4, "m": 4}, "N < M"),
+        ({"sparsity": 1.0}, r"must be in \[0, 1\)"),
+        ({"sparsity": -0.1}, r"must be in \[0, 1\)"),
+        ({"sparsity": 0, "n": 4, "m": 4}, "0 < n < m"),
         ({"sparsity": 0, "n": 2, "m": 5}, "does not divide"),
     ],
 )

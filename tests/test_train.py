@@ -86,9 +86,9 @@ def test_prune_one_shot_wanda(tmp_path):
 
 def test_prune_with_trained_adapter_equals_one_process(tmp_path):
     """`exert-ds prune --adapter DIR` on 2 ranks = the 1-process event on the same model with that adapter."""
-    from exert_ds.prune.event import PruneSettings, run_prune_event
+    from exert_ds.prune.event import run_prune_event
     from exert_ds.runtime.access import DenseBackend
-    from tests.tiny_models import tiny_lora_model
+    from tests.tiny_models import event_config, tiny_lora_model
 
     config = run_yaml(tmp_path, prune={"scorer": "foresight", "sparsity": 0.5})
     vocab = AutoModelForCausalLM.from_pretrained(tmp_path / "model").config.vocab_size
@@ -105,7 +105,7 @@ def test_prune_with_trained_adapter_equals_one_process(tmp_path):
 
     cfg = load_config(config)
     ids = calibration_batch(cfg.calibration_sources(), load_tokenizer(cfg.model), 8, 16, cfg.train.seed)
-    run_prune_event(adapted, DenseBackend(), PruneSettings(sparsity=0.5, micro_batch=4), ids)
+    run_prune_event(adapted, DenseBackend(), event_config(sparsity=0.5, micro_batch=4), ids)
     want = {k.removeprefix("base_model.model.").replace(".base_layer", ""): v for k, v in adapted.state_dict().items()}
     for name, w in got.items():
         assert torch.equal(w != 0, want[name] != 0), name

@@ -37,6 +37,12 @@ FAMILIES = {
         LlamaForCausalLM,
         {"hidden_size": 45, "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 4, "intermediate_size": 47},
     ),
+    # issue 21's input: on 2 ranks rows of o/gate/up/down straddle the partition boundary, every odd tensor padded
+    "llama-63": (
+        LlamaConfig,
+        LlamaForCausalLM,
+        {"hidden_size": 63, "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 4, "intermediate_size": 71},
+    ),
     # on 3 ranks every matrix straddles, q/k/v included (20 and 4 rows of 35)
     "llama-3rank": (
         LlamaConfig,
@@ -71,3 +77,18 @@ def tiny_lora_model(
 
 def calibration_ids(n: int = 6, length: int = 12, vocab: int = 96, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def event_config(
+    pbs_mode: str = "hessian", seed: int = 0, reset_after_prune: str = "none", micro_batch: int = 4, **prune
+):
+    """A RunConfig holding what a prune event reads: `prune` keys (sparsity, scorer, n, m, ema_eta), `pbs.mode`,
+    `train.seed`, `train.reset_after_prune`, `calibration.micro_batch`."""
+    from exert_ds.config import CalibrationConfig, PBSConfig, PruneConfig, RunConfig, TrainConfig
+
+    return RunConfig(
+        prune=PruneConfig(**prune),
+        pbs=PBSConfig(mode=pbs_mode),
+        train=TrainConfig(seed=seed, reset_after_prune=reset_after_prune),
+        calibration=CalibrationConfig(micro_batch=micro_batch),
+    )

@@ -1,13 +1,13 @@
 """Sequential calibration: the first block's inputs, and the input statistics of a block's linears.
 
 For each linear input X (calibration tokens × in) we accumulate E = Σ_t x_t² (activation energy) and,
-when PBS mode hessian or SparseGPT needs it, H = XᵀX, both in float32. Roles that read the same tensor
+when PBS mode hessian or a scorer needs it, H = XᵀX, both summed in float64 (InputStatistics says why). Roles that read the same tensor
 (q/k/v, gate/up) share one statistic (architecture.STAT_GROUP).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -81,37 +81,44 @@ def advance_block(layer: nn.Module, inputs: list[BlockInputs]) -> list[BlockInpu
     return inputs
 
 
-def gram(x: Tensor) -> Tensor:
-    """XᵀX in float32 (float64 for float64 X). bf16/fp16 activations on CUDA go to the tensor cores with a
-    float32 result: every product of two such values is exact in float32, the sums run in the tensor cores'
-    float32 accumulators (2.5e-5 largest relative difference from upcasting X first, measured on an H200), at
-    about a fourteenth of the time (eval/results/perf.md)."""
-    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
-        return torch.mm(x.T, x, out_dtype=torch.float32)
-    x = x.to(torch.promote_types(x.dtype, torch.float32))
-    return x.T @ x
+_SUM_DTYPE = torch.float64  # E and H are summed in float64 (below)
+_TOKEN_CHUNK = 2048  # tokens upcast to float64 at once: bounds the float64 copy of X to 2048 × in
 
 
 class InputStatistics:
-    """Forward hooks on a block's linears that accumulate E (and H) per statistic group."""
+    """Forward hooks on a block's linears that accumulate E (and H) per statistic group.
+
+    Both are summed in float64 from inputs upcast to float64, where every product of two float32 (or bf16) values
+    is exact and a sum of a few million of them is exact to about 1e-10 relative: whichever way the tokens are split
+    into micro-batches and ranks, `reduce` hands out the same E and H to within one rounding to the working precision.
+    In float32 the order of the sum showed through the SparseGPT solve (issue 21: 2.5e-5 relative between
+    micro-batch 4 and 1 on one rank, 1.8e-5 between 1 and 2 ranks); with float64 sums the event's results depend on
+    how H was summed no more than the forward's own float32 activations differ."""
 
     def __init__(self, linears: dict[str, nn.Module], want_hessian: bool) -> None:
-        self.energy: dict[str, Tensor] = {}
-        self.hessian: dict[str, Tensor] = {}
+        self.energy: dict[str, Tensor] = {}  # group → E: (in,), float64 until `reduce`
+        self.hessian: dict[str, Tensor] = {}  # group → H = XᵀX: (in, in), float64 until `reduce`
         self.tokens = 0
         self._want_hessian = want_hessian
+        self._work_dtype = torch.float32
         self._linears = {group: linears[group] for group in set(STAT_GROUP.values())}
 
     def _hook(self, group: str):
         def accumulate(_module: nn.Module, args: tuple, _output: Tensor) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1])
+            x = args[0].detach().reshape(-1, args[0].shape[-1])  # (tokens, in)
             if group == "q":
                 self.tokens += x.shape[0]
-            energy = x.to(torch.promote_types(x.dtype, torch.float32)).square().sum(0)
-            self.energy[group] = self.energy[group] + energy if group in self.energy else energy
+            self._work_dtype = torch.promote_types(x.dtype, torch.float32)
+            width = x.shape[1]
+            energy = self.energy.setdefault(group, x.new_zeros(width, dtype=_SUM_DTYPE))
+            hessian = None
             if self._want_hessian:
-                h = gram(x)
-                self.hessian[group] = self.hessian[group] + h if group in self.hessian else h
+                hessian = self.hessian.setdefault(group, x.new_zeros(width, width, dtype=_SUM_DTYPE))
+            for chunk in x.split(_TOKEN_CHUNK):
+                chunk = chunk.to(_SUM_DTYPE)  # (≤ _TOKEN_CHUNK, in)
+                energy += chunk.square().sum(0)
+                if hessian is not None:
+                    hessian.addmm_(chunk.T, chunk)
 
         return accumulate
 
@@ -124,6 +131,14 @@ class InputStatistics:
             for handle in handles:
                 handle.remove()
 
+    def reduce(self, all_reduce: Callable[[Tensor], Tensor]) -> None:
+        """Sum E and H over processes (in float64), then hold them in the working precision (float32, float64 for
+        float64 activations): what scorers and PBS read."""
+        for table in (self.energy, self.hessian):
+            for group, tensor in table.items():
+                table[group] = all_reduce(tensor).to(self._work_dtype)
+
     def for_role(self, role: str) -> tuple[Tensor, Tensor | None]:
+        """(E: (in,), H: (in, in) or None) of the role's input."""
         group = STAT_GROUP[role]
         return self.energy[group], self.hessian.get(group)

@@ -16,65 +16,18 @@ from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from exert_ds.config import RunConfig, check_event_sections
 from exert_ds.model.architecture import decoder_layers, geometry
 from exert_ds.model.lora import adapter_seed, block_lora_layers, fresh_lora_a
 from exert_ds.prune.calibration import BlockInputs, InputStatistics, advance_block, capture_block_inputs, run_block
-from exert_ds.prune.foresight import (
-    ROLES,
-    HeadGeometry,
-    check_sparsity,
-    companion_factors,
-    companion_sumsq,
-    ema_scores,
-    role_scores,
-    row_mask,
-)
+from exert_ds.prune.foresight import ROLES, HeadGeometry, ema_scores, row_mask
 from exert_ds.prune.pbs import (
-    MATMUL_PRECISIONS,
     float32_matmul_precision,
     partial_brain_surgeon_reference,
     partial_brain_surgeon_with_errors,
 )
-from exert_ds.prune.sparsegpt import sparsegpt_prune
-from exert_ds.runtime.access import RESET_POLICIES, Backend, LinearAccess
-
-SCORERS = ("foresight", "wanda", "magnitude", "sparsegpt")
-PBS_MODES = ("hessian", "reference", "off")
-
-
-@dataclass(frozen=True)
-class PruneSettings:
-    """What an event does; field names follow the run YAML's `prune:` / `pbs:` sections."""
-
-    sparsity: float
-    scorer: str = "foresight"
-    n: int = 0
-    m: int = 0
-    pbs_mode: str = "hessian"
-    pbs_reg: float | None = None  # default per mode: 1e-2 (hessian, relative), 1e-8 (reference)
-    pbs_keep_weight: float = 1.0
-    pbs_matmul_precision: str = "highest"
-    ema_eta: float = 0.5
-    reset_after_prune: str = "none"
-    seed: int = 0
-    sparsegpt_blocksize: int = 128
-    sparsegpt_percdamp: float = 0.01
-    micro_batch: int = 4
-
-    def validate(self) -> None:
-        if self.scorer not in SCORERS:
-            raise ValueError(f"prune.scorer={self.scorer!r}; choose one of {SCORERS}")
-        if self.pbs_mode not in PBS_MODES:
-            raise ValueError(f"pbs.mode={self.pbs_mode!r}; choose one of {PBS_MODES}")
-        if self.pbs_matmul_precision not in MATMUL_PRECISIONS:
-            raise ValueError(f"pbs.matmul_precision={self.pbs_matmul_precision!r}; choose one of {MATMUL_PRECISIONS}")
-        if self.scorer == "sparsegpt" and self.pbs_mode != "off":
-            raise ValueError("prune.scorer=sparsegpt updates the weights itself; set pbs.mode: off")
-        if self.reset_after_prune not in RESET_POLICIES:
-            raise ValueError(f"optimizer.reset_after_prune={self.reset_after_prune!r}; choose one of {RESET_POLICIES}")
-        if not 0.0 < self.ema_eta <= 1.0:
-            raise ValueError(f"prune.ema_eta={self.ema_eta} is outside (0, 1]")
-        check_sparsity(self.sparsity, self.m or 1, self.n, self.m)
+from exert_ds.prune.scorers import BlockInputsForScoring, MaskScorer, UpdatingScorer, make_scorer
+from exert_ds.runtime.access import Backend, LinearAccess
 
 
 @dataclass
@@ -128,29 +81,35 @@ def _rows_of(owned: Tensor | None, block: Tensor) -> Tensor:
 
 
 class PruneEvent:
-    """Runs prune events on `model` through `backend`; keeps the EMA state between events."""
+    """Runs prune events on `model` through `backend`; keeps the EMA state between events.
 
-    def __init__(self, model: nn.Module, backend: Backend, settings: PruneSettings, state: PruneState | None = None):
-        settings.validate()
+    Reads the run config's sections directly: `prune` (scorer, n, m, ema_eta), `pbs`, `calibration.micro_batch`,
+    `train.seed` (the adapter re-draw) and `train.reset_after_prune`. The sparsity of each event is not read from
+    `prune.sparsity`: it comes from the schedule (schedule.plan_events, with its ramp) as `run`'s argument."""
+
+    def __init__(self, model: nn.Module, backend: Backend, cfg: RunConfig, state: PruneState | None = None):
+        check_event_sections(cfg)
         self.model = model
         self.backend = backend
-        self.settings = settings
+        self.cfg = cfg
+        self.scorer = make_scorer(cfg.prune.scorer)
         self.state = state or PruneState()
         geo = geometry(model)
         self.heads = HeadGeometry(geo.num_heads, geo.num_kv_heads, geo.head_dim)
 
     @torch.no_grad()
     def run(self, calibration_ids: Tensor, sparsity: float, pbs: bool, ema: bool, progress: bool = True) -> EventReport:
-        """One event at `sparsity`. `calibration_ids`: this process's share of the N × T token ids."""
-        s = self.settings
+        """One event at `sparsity` (the schedule's, PlannedEvent.sparsity). `calibration_ids`: (N_rank, T), this
+        process's share of the N × T calibration token ids."""
+        cfg = self.cfg
         event = self.state.events_done
         report = EventReport(event)
         start = time.perf_counter()
         was_training = self.model.training
         self.model.eval()
-        use_pbs = pbs and s.pbs_mode != "off" and s.scorer != "sparsegpt"
-        want_hessian = (use_pbs and s.pbs_mode == "hessian") or s.scorer == "sparsegpt"
-        inputs = capture_block_inputs(self.model, calibration_ids, s.micro_batch)
+        use_pbs = pbs and cfg.pbs.mode != "off" and not self.scorer.updates_weights
+        want_hessian = self.scorer.needs_hessian or (use_pbs and cfg.pbs.mode == "hessian")
+        inputs = capture_block_inputs(self.model, calibration_ids, cfg.calibration.micro_batch)
         layers = decoder_layers(self.model)
         bar = tqdm(range(len(layers)), desc=f"prune event {event}", disable=not progress or self.backend.rank != 0)
         for block in bar:
@@ -186,11 +145,9 @@ class PruneEvent:
         stats = InputStatistics(lora_layers, want_hessian)
         with stats.recording(), self.backend.whole_block(layer):
             run_block(layer, inputs)
-        for table in (stats.energy, stats.hessian):
-            for tensor in table.values():
-                self.backend.all_reduce(tensor)
+        stats.reduce(self.backend.all_reduce)
         self._prune_linears(block, lora_layers, stats, event, sparsity, use_pbs, ema, report)
-        del stats  # H: in × in float32 per input group, not needed to propagate
+        del stats  # H: (in, in) per input group, not needed to propagate
         with self.backend.whole_block(layer):
             return advance_block(layer, inputs)
 
@@ -205,76 +162,66 @@ class PruneEvent:
         ema: bool,
         report: EventReport,
     ) -> None:
-        """Score, mask, PBS and write back every linear of the block, and re-draw its adapter."""
-        s = self.settings
+        """Score, mask, PBS and write back every linear of the block, and re-draw its adapter.
+
+        Every row is decided once, by the process that owns it (holds its first element), on the whole row: the
+        selection, PBS and a weight-updating scorer see boundary rows completed from the other ranks' fragments, and
+        the owner's result is handed to the other ranks that hold part of the row."""
+        cfg = self.cfg
+        n, m = cfg.prune.n, cfg.prune.m
         access = {role: self.backend.linear(layer) for role, layer in lora_layers.items()}
-        adapters = {role: acc.adapter() for role, acc in access.items()}
+        adapters = {role: acc.adapter() for role, acc in access.items()}  # A: (r, in), B: (out, r), s
         effective, previous_keep = {}, {}
         for role, acc in access.items():
             a, b, scale = adapters[role]
-            w_block = acc.weight_block()
+            w_block = acc.weight_block()  # (rows_held, in), zero where not held
             rows = slice(acc.row_start, acc.row_start + w_block.shape[0])
-            effective[role] = _held(w_block + scale * (b[rows] @ a), acc.valid())
-            previous_keep[role] = w_block != 0
+            effective[role] = _held(w_block + scale * (b[rows] @ a), acc.valid())  # U block: (rows_held, in)
+            previous_keep[role] = w_block != 0  # (rows_held, in)
 
-        scores = self._scores(access, effective, stats) if s.scorer != "sparsegpt" else {}
+        scores = {}
+        if isinstance(self.scorer, MaskScorer):
+            inputs = BlockInputsForScoring(
+                effective=effective,
+                row_start={role: acc.row_start for role, acc in access.items()},
+                out_features={role: acc.shape[0] for role, acc in access.items()},
+                energy={role: stats.for_role(role)[0] for role in access},
+                heads=self.heads,
+                all_reduce=self.backend.all_reduce,
+            )
+            scores = self.scorer.scores(inputs)  # role → S: (rows_held, in)
         for role in ROLES:
             acc, u_block = access[role], effective[role]
             a, b, scale = adapters[role]
-            energy, hessian = stats.for_role(role)
-            valid = acc.valid()
-            if s.scorer == "sparsegpt":
-                new_rows, keep = sparsegpt_prune(
-                    acc.complete_rows(u_block), hessian, sparsity, s.n, s.m, s.sparsegpt_blocksize, s.sparsegpt_percdamp
-                )
-                merged = new_rows
+            energy, hessian = stats.for_role(role)  # E: (in,), H: (in, in) or None
+            valid, owned = acc.valid(), acc.owned()  # (rows_held, in) / (rows_held,) bool, None = all
+            rows = slice(acc.row_start, acc.row_start + u_block.shape[0])
+            if isinstance(self.scorer, UpdatingScorer):
+                u_rows = _rows_of(owned, acc.complete_rows(u_block))  # whole owned rows: (rows_owned, in)
+                new_rows, keep_rows = self.scorer.prune_rows(u_rows, hessian, sparsity, n, m)
+                merged = _from_owners(acc, owned, new_rows.to(u_block.dtype), u_block)  # (rows_held, in)
             else:
-                keep = row_mask(acc.complete_rows(self._ema(block, role, scores[role], valid, ema)), sparsity, s.n, s.m)
-                delta_b = torch.zeros_like(b)
+                mixed = self._ema(block, role, _held(scores[role], valid), valid, ema)  # (rows_held, in)
+                keep_rows = row_mask(_rows_of(owned, acc.complete_rows(mixed)), sparsity, n, m)  # (rows_owned, in)
+                delta_b = torch.zeros_like(b)  # ΔB: (out, r)
                 if use_pbs:
-                    delta_b = self._pbs(acc, role, u_block, keep, a, scale, energy, hessian, report)
-                rows = slice(acc.row_start, acc.row_start + u_block.shape[0])
-                merged = (u_block + scale * (delta_b[rows] @ a)) * keep
-            acc.write_weight_block(merged)
+                    delta_b = self._pbs(acc, role, u_block, keep_rows, a, scale, energy, hessian, report)
+                merged = u_block + scale * (delta_b[rows] @ a)  # (rows_held, in)
+            keep = _from_owners(acc, owned, keep_rows.to(u_block.dtype), u_block) != 0  # (rows_held, in)
+            acc.write_weight_block(merged * keep)
             rep = report.roles[role]
             held = valid if valid is not None else torch.ones_like(keep)
             rep.pruned += int((~keep & held).sum())
             rep.held += int(held.sum())
             rep.mask_changed += int(((keep != previous_keep[role]) & held).sum()) if event > 0 else 0
-            new_a = fresh_lora_a(tuple(a.shape), adapter_seed(s.seed, event, block, role)).to(a.device)
-            acc.write_adapter(new_a, torch.zeros_like(b), s.reset_after_prune)
-
-    def _scores(
-        self, access: dict[str, LinearAccess], effective: dict[str, Tensor], stats: InputStatistics
-    ) -> dict[str, Tensor]:
-        """Scores of every role on its row block, held elements only (zero elsewhere)."""
-        s = self.settings
-        if s.scorer == "magnitude":
-            return {role: u.abs() for role, u in effective.items()}
-        if s.scorer == "wanda":
-            return {role: u.abs() * stats.for_role(role)[0].sqrt()[None, :] for role, u in effective.items()}
-        sumsq = {}
-        for role in ROLES:
-            if role == "v":
-                continue
-            u = effective[role]
-            sumsq[role] = self.backend.all_reduce(
-                companion_sumsq(role, u, access[role].row_start, access[role].shape[0], self.heads)
-            )
-        factors = companion_factors(sumsq, self.heads)
-        return {
-            role: _held(
-                role_scores(u, access[role].row_start, stats.for_role(role)[0], factors[role], self.heads.head_dim),
-                access[role].valid(),
-            )
-            for role, u in effective.items()
-        }
+            new_a = fresh_lora_a(tuple(a.shape), adapter_seed(cfg.train.seed, event, block, role)).to(a.device)
+            acc.write_adapter(new_a, torch.zeros_like(b), cfg.train.reset_after_prune)
 
     def _ema(self, block: int, role: str, scores: Tensor, valid: Tensor | None, ema: bool) -> Tensor:
         """Mix with the previous event's scores (held elements only) and remember the result."""
         key = PruneState.key(block, role)
-        held = scores if valid is None else scores[valid]
-        mixed = ema_scores(held, self.state.ema.get(key) if ema else None, self.settings.ema_eta)
+        held = scores if valid is None else scores[valid]  # (elements held,)
+        mixed = ema_scores(held, self.state.ema.get(key) if ema else None, self.cfg.prune.ema_eta)
         self._remember(key, mixed)
         if valid is None:
             return mixed
@@ -299,22 +246,22 @@ class PruneEvent:
         acc: LinearAccess,
         role: str,
         u_block: Tensor,
-        keep: Tensor,
+        keep_rows: Tensor,
         a: Tensor,
         scale: float,
         energy: Tensor,
         hessian: Tensor | None,
         report: EventReport,
     ) -> Tensor:
-        """ΔB for the rows this process owns, summed over processes so every rank holds the same ΔB."""
-        s = self.settings
+        """ΔB: (out, r) from the rows this process owns (`keep_rows`: their masks, (rows_owned, in)), summed over
+        processes so every rank holds the same ΔB (each row written by its owner only)."""
+        pbs = self.cfg.pbs
         owned = acc.owned()
-        u_rows = _rows_of(owned, acc.complete_rows(u_block))
-        keep_rows = _rows_of(owned, keep)
-        zeros = torch.zeros(u_rows.shape[0], a.shape[0], dtype=a.dtype, device=a.device)
-        if s.pbs_mode == "hessian":
-            reg = 1e-2 if s.pbs_reg is None else s.pbs_reg
-            with float32_matmul_precision(s.pbs_matmul_precision):
+        u_rows = _rows_of(owned, acc.complete_rows(u_block))  # (rows_owned, in)
+        zeros = torch.zeros(u_rows.shape[0], a.shape[0], dtype=a.dtype, device=a.device)  # (rows_owned, r)
+        if pbs.mode == "hessian":
+            reg = 1e-2 if pbs.reg is None else pbs.reg
+            with float32_matmul_precision(pbs.matmul_precision):
                 delta_rows, before, after = partial_brain_surgeon_with_errors(
                     u_rows, a, zeros, scale, keep_rows, hessian, reg
                 )
@@ -322,39 +269,36 @@ class PruneEvent:
             report.roles[role].pbs_error_before += float(errors[0])
             report.roles[role].pbs_error_after += float(errors[1])
         else:
-            reg = 1e-8 if s.pbs_reg is None else s.pbs_reg
+            reg = 1e-8 if pbs.reg is None else pbs.reg
             delta_rows = partial_brain_surgeon_reference(
-                u_rows, a, zeros, scale, keep_rows, energy, reg, s.pbs_keep_weight
+                u_rows, a, zeros, scale, keep_rows, energy, reg, pbs.keep_weight
             )
-        delta = torch.zeros(acc.shape[0], a.shape[0], dtype=a.dtype, device=a.device)
-        row_ids = torch.arange(acc.row_start, acc.row_start + u_block.shape[0], device=a.device)
+        delta = torch.zeros(acc.shape[0], a.shape[0], dtype=a.dtype, device=a.device)  # (out, r)
+        row_ids = torch.arange(acc.row_start, acc.row_start + u_block.shape[0], device=a.device)  # (rows_held,)
         delta[_rows_of(owned, row_ids)] = delta_rows
         return self.backend.all_reduce(delta)
 
 
-@torch.no_grad()
-def measured_sparsity(model: nn.Module, backend: Backend) -> dict[str, float]:
-    """Fraction of exact zeros per role over all blocks, read from the base weights themselves (all ranks)."""
-    counts = {role: torch.zeros(2, dtype=torch.float64) for role in ROLES}
-    for block in range(len(decoder_layers(model))):
-        for role, layer in block_lora_layers(model, block).items():
-            acc = backend.linear(layer)
-            weight, valid = acc.weight_block(), acc.valid()
-            held = torch.ones_like(weight, dtype=torch.bool) if valid is None else valid
-            counts[role] += torch.tensor([float(((weight == 0) & held).sum()), float(held.sum())], dtype=torch.float64)
-    return {role: float(c[0] / c[1]) for role, c in ((r, backend.all_reduce(c)) for r, c in counts.items())}
+def _from_owners(acc: LinearAccess, owned: Tensor | None, owned_rows: Tensor, like: Tensor) -> Tensor:
+    """The row block (rows_held, in) of per-row results computed by each row's owner: `owned_rows`
+    (rows_owned, in) are this process's; a boundary row it does not own comes from the rank that does."""
+    if owned is None:
+        return owned_rows
+    block = torch.zeros_like(like)  # (rows_held, in): zero in rows owned elsewhere
+    block[owned] = owned_rows
+    return acc.complete_rows(block)
 
 
 def run_prune_event(
     model: nn.Module,
     backend: Backend,
-    settings: PruneSettings,
+    cfg: RunConfig,
     calibration_ids: Tensor,
     pbs: bool = True,
     ema: bool = False,
     state: PruneState | None = None,
 ) -> tuple[EventReport, PruneState]:
-    """Convenience: one event at `settings.sparsity` (the one-shot baselines and tests use it)."""
-    event = PruneEvent(model, backend, settings, state)
-    report = event.run(calibration_ids, settings.sparsity, pbs=pbs, ema=ema)
+    """Convenience: one event at `cfg.prune.sparsity` (the one-shot baselines and tests use it)."""
+    event = PruneEvent(model, backend, cfg, state)
+    report = event.run(calibration_ids, cfg.prune.sparsity, pbs=pbs, ema=ema)
     return report, event.state

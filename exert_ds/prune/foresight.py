@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from exert_ds.prune.pattern import check_pattern, pruned_per_row
+
 ROLES: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
 
 
@@ -161,25 +163,6 @@ def ema_scores(new: Tensor, previous: Tensor | None, eta: float) -> Tensor:
     return eta * new + (1.0 - eta) * previous.to(new.device, new.dtype)
 
 
-def check_sparsity(sparsity: float, in_features: int, n: int = 0, m: int = 0) -> None:
-    """Raise a one-line ValueError for a sparsity or N:M pattern the selection cannot honour."""
-    if n or m:
-        if not (0 < n < m):
-            raise ValueError(f"N:M pattern {n}:{m} needs 0 < N < M (e.g. prune.n: 2, prune.m: 4)")
-        if in_features % m:
-            raise ValueError(f"N:M pattern {n}:{m}: M={m} does not divide in_features={in_features}")
-        return
-    if not (0.0 <= sparsity < 1.0):
-        raise ValueError(f"sparsity {sparsity} is outside [0, 1); set prune.sparsity to e.g. 0.5")
-
-
-def pruned_per_row(sparsity: float, in_features: int, n: int = 0, m: int = 0) -> int:
-    """How many entries each row loses: floor(p·in), or N per group of M."""
-    if n or m:
-        return n * (in_features // m)
-    return int(sparsity * in_features)
-
-
 def row_mask(scores: Tensor, sparsity: float, n: int = 0, m: int = 0) -> Tensor:
     """Keep-mask (True = keep) that prunes, per row, the lowest scores.
 
@@ -187,7 +170,7 @@ def row_mask(scores: Tensor, sparsity: float, n: int = 0, m: int = 0) -> Tensor:
     consecutive columns. Ties go to the lower column index (stable ascending sort prunes it first).
     """
     rows, cols = scores.shape
-    check_sparsity(sparsity, cols, n, m)
+    check_pattern(sparsity, n, m, cols)
     if n or m:
         grouped = scores.reshape(rows, cols // m, m)
         order = torch.argsort(grouped, dim=-1, stable=True)[..., :n]

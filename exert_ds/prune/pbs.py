@@ -10,16 +10,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 _CHUNK_ELEMENTS = 1 << 26  # bound for a chunk's rows × r × in intermediate (256 MiB in float32)
-MATMUL_PRECISIONS = ("highest", "high")  # torch.set_float32_matmul_precision's names: float32, TF32 on CUDA
+MatmulPrecision = Literal["highest", "high"]  # torch.set_float32_matmul_precision's names: float32, TF32 on CUDA
 
 
 @contextmanager
-def float32_matmul_precision(precision: str) -> Iterator[None]:
+def float32_matmul_precision(precision: MatmulPrecision) -> Iterator[None]:
     """Run the block with torch's float32 matmul precision set to `precision`, then restore the caller's.
 
     "high" lets CUDA use TF32 tensor cores for the r·in² per-row Gram products, the bulk of PBS hessian's work

@@ -12,19 +12,17 @@ import math
 import torch
 from torch import Tensor
 
+from exert_ds.prune.pattern import check_pattern
+
 
 def _check(weight: Tensor, hessian: Tensor, sparsity: float, n: int, m: int, blocksize: int, percdamp: float) -> None:
     if weight.dim() != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
         raise ValueError(f"SparseGPT shapes disagree: weight {tuple(weight.shape)}, hessian {tuple(hessian.shape)}")
-    if not 0 <= sparsity < 1:
-        raise ValueError(f"SparseGPT sparsity must be in [0, 1), got {sparsity}")
+    check_pattern(sparsity, n, m, weight.shape[1])
     if blocksize < 1 or not percdamp >= 0:
         raise ValueError(f"SparseGPT needs blocksize >= 1 and percdamp >= 0, got {blocksize}, {percdamp}")
-    if (n, m) != (0, 0):
-        if not 0 < n < m:
-            raise ValueError(f"SparseGPT N:M needs 0 < n < m, got {n}:{m}")
-        if weight.shape[1] % m or blocksize % m:
-            raise ValueError(f"SparseGPT N:M needs m={m} to divide in={weight.shape[1]} and blocksize={blocksize}")
+    if m and blocksize % m:
+        raise ValueError(f"SparseGPT N:M needs m={m} to divide blocksize={blocksize}")
 
 
 def _inverse_hessian_factor(hessian: Tensor, dead: Tensor, percdamp: float) -> Tensor:

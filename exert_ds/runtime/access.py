@@ -9,7 +9,7 @@ partitions with the same interface, so both paths run the same tensor math.
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
-from typing import Protocol
+from typing import Literal, Protocol, get_args
 
 import torch
 from peft.tuners.lora import LoraLayer
@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from exert_ds.model.lora import lora_parts
 
-RESET_POLICIES = ("none", "zero", "keep_v")
+ResetPolicy = Literal["none", "zero", "keep_v"]  # `train.reset_after_prune` (algorithm.md §5)
 
 
 class LinearAccess(Protocol):
@@ -33,7 +33,9 @@ class LinearAccess(Protocol):
         """W on the row block (at least float32), zero where not held."""
 
     def complete_rows(self, block: Tensor) -> Tensor:
-        """`block` with the other ranks' fragments of its partial (boundary) rows filled in."""
+        """`block` with each partial (boundary) row replaced by the sum over processes of their versions of that row:
+        fragments zero where not held give the whole row; the whole row on its owner and zeros elsewhere give every
+        process the owner's row."""
 
     def owned(self) -> Tensor | None:
         """Bool per block row: rows whose first element this process holds (None: all)."""
@@ -44,7 +46,7 @@ class LinearAccess(Protocol):
     def adapter(self) -> tuple[Tensor, Tensor, float]:
         """(A, B, s) at least float32, whole (gathered), identical on every process."""
 
-    def write_adapter(self, a: Tensor, b: Tensor, reset_policy: str) -> None:
+    def write_adapter(self, a: Tensor, b: Tensor, reset_policy: ResetPolicy) -> None:
         """Set A and B in every copy and apply the optimizer-state policy to their Adam moments."""
 
 
@@ -61,10 +63,11 @@ class Backend(Protocol):
         """Sum over processes, in place; returns the tensor."""
 
 
-def reset_adam_moments(state: dict, policy: str) -> None:
-    """Apply `optimizer.reset_after_prune` to one parameter's Adam state (algorithm.md §5)."""
-    if policy not in RESET_POLICIES:
-        raise ValueError(f"optimizer.reset_after_prune={policy!r}; choose one of {RESET_POLICIES}")
+def reset_adam_moments(state: dict, policy: ResetPolicy) -> None:
+    """Apply `train.reset_after_prune` to one parameter's Adam state (algorithm.md §5): none keeps both moments,
+    zero zeroes both, keep_v zeroes the first. Raises ValueError for another policy."""
+    if policy not in get_args(ResetPolicy):
+        raise ValueError(f"config key 'train.reset_after_prune' must be one of {get_args(ResetPolicy)}, got {policy!r}")
     if policy == "none" or not state:
         return
     state["exp_avg"].zero_()
@@ -106,7 +109,7 @@ class DenseLinear:
         return work_precision(self._a), work_precision(self._b), self._scale
 
     @torch.no_grad()
-    def write_adapter(self, a: Tensor, b: Tensor, reset_policy: str) -> None:
+    def write_adapter(self, a: Tensor, b: Tensor, reset_policy: ResetPolicy) -> None:
         self._a.copy_(a.to(self._a.dtype))
         self._b.copy_(b.to(self._b.dtype))
         if self._optimizer is not None:

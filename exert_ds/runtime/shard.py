@@ -160,25 +160,17 @@ def from_row_block(block: Tensor, rng: ShardRange) -> Tensor:
     return block.reshape(-1)[rng.head_offset : rng.head_offset + rng.valid]
 
 
-def row_owner(row: int, shape: tuple[int, ...], world: int) -> int:
-    """Rank holding the first element of `row`: the single rank that decides a row split across ranks."""
-    numel = math.prod(shape)
-    rng = shard_range(numel, shape, world, 0)
-    num_rows = numel // rng.in_features
-    if not 0 <= row < num_rows:
-        raise ValueError(f"row must satisfy 0 <= row < {num_rows} for shape {tuple(shape)}, got {row}")
-    return row * rng.in_features // rng.partition_size
-
-
 def owned_rows(rng: ShardRange) -> range:
-    """Rows whose first element lies in `[start, end)`; over all ranks these partition the rows exactly once."""
+    """Rows this rank owns: those whose first element lies in `[start, end)`. Over all ranks these partition the
+    rows exactly once; the owner makes every per-row decision of a prune event (zero3.Zero3Linear.owned)."""
     first = -(-rng.start // rng.in_features)
     last = -(-rng.end // rng.in_features)
     return range(first, max(first, last))
 
 
 def boundary_rows(rng: ShardRange) -> list[int]:
-    """Rows touched by this rank but not wholly held by it (at most two): these need cross-rank agreement."""
+    """Rows touched by this rank but not wholly held by it (at most two): the rows whose fragments
+    zero3.Zero3Linear.complete_rows exchanges."""
     rows: list[int] = []
     if rng.first_row_partial:
         rows.append(rng.row_start)

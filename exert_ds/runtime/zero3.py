@@ -22,8 +22,16 @@ from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 
 from exert_ds.model.lora import lora_parts
-from exert_ds.runtime.access import RESET_POLICIES, reset_adam_moments
-from exert_ds.runtime.shard import ShardRange, from_row_block, row_block, shard_range, valid_mask_of_block
+from exert_ds.runtime.access import ResetPolicy, reset_adam_moments
+from exert_ds.runtime.shard import (
+    ShardRange,
+    boundary_rows,
+    from_row_block,
+    owned_rows,
+    row_block,
+    shard_range,
+    valid_mask_of_block,
+)
 
 
 def local_range(param: nn.Parameter) -> ShardRange:
@@ -78,24 +86,24 @@ class Zero3Linear:
         return self._valid
 
     def owned(self) -> Tensor:
-        rows = torch.arange(self._range.row_start, self._range.row_end, device=self._device)
-        first = rows * self.shape[1]
-        return (first >= self._range.start) & (first < self._range.end)
+        """(rows_held,) bool: the block's rows whose first element this rank holds (shard.owned_rows)."""
+        rng, rows = self._range, owned_rows(self._range)
+        mask = torch.zeros(rng.num_rows, dtype=torch.bool, device=self._device)
+        mask[rows.start - rng.row_start : rows.stop - rng.row_start] = True
+        return mask
 
     def weight_block(self) -> Tensor:
         values = local_values(self._w).to(self._device, torch.promote_types(self._w.ds_tensor.dtype, torch.float32))
         return row_block(values, self._range)
 
     def complete_rows(self, block: Tensor) -> Tensor:
-        """Fill the partial first/last rows with the other ranks' fragments (zero where not held)."""
+        """Each partial first/last row of `block` (shard.boundary_rows) becomes the sum over the ranks that touch it of
+        their versions of that row: fragments zero outside the held elements assemble the whole row; the whole row on
+        its owner and zeros on the other ranks hand the owner's row out. Collective: every rank calls it."""
         rng, width = self._range, self.shape[1]
-        sent = block.new_zeros(2, width + 1)
+        sent = block.new_zeros(2, width + 1)  # (2 fragment slots, in + the fragment's row index)
         sent[:, width] = -1  # row index of each fragment slot; -1 = empty
-        partial = []
-        if rng.num_rows and rng.first_row_partial:
-            partial.append(0)
-        if rng.num_rows and rng.last_row_partial and (rng.num_rows > 1 or not partial):
-            partial.append(rng.num_rows - 1)
+        partial = [row - rng.row_start for row in boundary_rows(rng)]
         for slot, local_row in enumerate(partial):
             sent[slot, :width] = block[local_row]
             sent[slot, width] = rng.row_start + local_row
@@ -121,9 +129,7 @@ class Zero3Linear:
             )
 
     @torch.no_grad()
-    def write_adapter(self, a: Tensor, b: Tensor, reset_policy: str) -> None:
-        if reset_policy not in RESET_POLICIES:
-            raise ValueError(f"optimizer.reset_after_prune={reset_policy!r}; choose one of {RESET_POLICIES}")
+    def write_adapter(self, a: Tensor, b: Tensor, reset_policy: ResetPolicy) -> None:
         for param, value in ((self._a, a), (self._b, b)):
             rng = local_range(param)
             local = value.reshape(-1)[rng.start : rng.end]

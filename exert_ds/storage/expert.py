@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from exert_ds.errors import ConfigError
 from exert_ds.model.architecture import block_linears, decoder_layers, unwrap
-from exert_ds.prune.foresight import pruned_per_row
+from exert_ds.prune.pattern import pruned_per_row
 from exert_ds.runtime.shard import all_shard_ranges
 from exert_ds.storage import sparse_codec
 from exert_ds.storage.atomic import publish, sha256_file, temporary_sibling

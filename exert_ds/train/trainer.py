@@ -27,10 +27,12 @@ from exert_ds.config import RunConfig
 from exert_ds.data import build_train_dataset, calibration_batch
 from exert_ds.errors import ConfigError, user_errors
 from exert_ds.evaluation.perplexity import perplexity, text_windows
+from exert_ds.evaluation.sparsity import sparsity_report
 from exert_ds.model.architecture import geometry
 from exert_ds.model.loading import load_model, load_tokenizer
 from exert_ds.model.lora import attach_lora
-from exert_ds.prune.event import EventReport, PruneEvent, PruneSettings, PruneState, measured_sparsity
+from exert_ds.prune.event import EventReport, PruneEvent, PruneState
+from exert_ds.prune.pattern import pattern_problem
 from exert_ds.prune.schedule import PlannedEvent, plan_events
 from exert_ds.runtime.dist import init_distributed, launched_world_size
 from exert_ds.runtime.ds_config import load_ds_config
@@ -82,23 +84,6 @@ class Session:
     out_dir: Path
 
 
-def prune_settings(cfg: RunConfig, sparsity: float) -> PruneSettings:
-    return PruneSettings(
-        sparsity=sparsity,
-        scorer=cfg.prune.scorer,
-        n=cfg.prune.n,
-        m=cfg.prune.m,
-        pbs_mode=cfg.pbs.mode,
-        pbs_reg=cfg.pbs.reg,
-        pbs_keep_weight=cfg.pbs.keep_weight,
-        pbs_matmul_precision=cfg.pbs.matmul_precision,
-        ema_eta=cfg.prune.ema_eta,
-        reset_after_prune=cfg.train.reset_after_prune,
-        seed=cfg.train.seed,
-        micro_batch=cfg.calibration.micro_batch,
-    )
-
-
 def check_pattern_fits(model: torch.nn.Module, n: int, m: int) -> None:
     """N:M needs M to divide every pruned matrix's input width; say so before any work is done."""
     if not m:
@@ -109,8 +94,9 @@ def check_pattern_fits(model: torch.nn.Module, n: int, m: int) -> None:
         (geo.intermediate_size, "intermediate_size"),
         (geo.num_heads * geo.head_dim, "num_heads·head_dim"),
     ):
-        if width % m:
-            raise ConfigError(f"config keys 'prune.n'/'prune.m': M={m} does not divide the model's {name} ({width})")
+        problem = pattern_problem(0.0, n, m, width, f"the model's {name}")
+        if problem:
+            raise ConfigError(problem)
 
 
 def build_session(cfg: RunConfig, with_training_data: bool, adapter: str | None = None) -> Session:
@@ -160,7 +146,7 @@ def build_session(cfg: RunConfig, with_training_data: bool, adapter: str | None 
                 f"data.train gives {len(loader)} micro-batches per rank, fewer than gradient_accumulation_steps; add data"
             )
     with user_errors("prune"):
-        events = PruneEvent(engine.module, Zero3Backend(), prune_settings(cfg, cfg.prune.sparsity), PruneState())
+        events = PruneEvent(engine.module, Zero3Backend(), cfg, PruneState())
     logger = Logger(out_dir, rank)
     share = ids[rank :: dist.get_world_size()]
     return Session(cfg, engine, tokenizer, loader, sampler, events, share, windows, logger, out_dir)
@@ -251,7 +237,7 @@ def finish(session: Session, dense_ppl: float | None, pruned: bool) -> Path | No
     """Measure, report and save the sparse expert (after the final event: B = 0, weights merged and masked):
     every rank writes its partition to output_dir/expert in parallel, then rank 0 streams that into the Hugging
     Face directory output_dir/final, checking the sparsity the schedule promised (none when not `pruned`)."""
-    sparsity = measured_sparsity(session.engine.module, Zero3Backend())
+    sparsity = sparsity_report(session.engine.module, Zero3Backend().all_reduce)["roles"]
     summary = {
         "measured_sparsity": sparsity,
         "dense_perplexity": dense_ppl,

@@ -1,0 +1,40 @@
+"""One prune event in one process, the cases that cover every registered scorer, and algorithm.md §9's comparison:
+shared by the 1-rank and the 2-rank event tests."""
+
+from __future__ import annotations
+
+from exert_ds.prune.event import run_prune_event
+from exert_ds.prune.scorers import SCORERS
+from exert_ds.runtime.access import DenseBackend
+from tests.tiny_models import calibration_ids, event_config, tiny_lora_model
+
+
+def dense_event(family: str, case: str, layers: int = 2, micro_batch: int = 4):
+    """`case` = "scorer:pbs_mode" at sparsity 0.5, seed 5, on tiny_lora_model(family): (parameters, report scalars)."""
+    scorer, pbs_mode = case.split(":")
+    model = tiny_lora_model(family, layers=layers)
+    settings = event_config(sparsity=0.5, scorer=scorer, pbs_mode=pbs_mode, seed=5, micro_batch=micro_batch)
+    report, _ = run_prune_event(model, DenseBackend(), settings, calibration_ids(), pbs=pbs_mode != "off")
+    return dict(model.named_parameters()), report.scalars()
+
+
+def every_registered_case() -> list[str]:
+    """Each registered scorer; a mask scorer under both PBS solves (hessian: H, reference: E), an updating one alone."""
+    return [
+        f"{name}:{mode}"
+        for name, scorer in SCORERS.items()
+        for mode in (("off",) if scorer.updates_weights else ("hessian", "reference"))
+    ]
+
+
+def assert_same_weights(want: dict, got: dict, case: str) -> None:
+    """algorithm.md §9: the same zeros (the random inputs hold no exact score ties) and every pruned matrix within
+    1e-5 of the reference, as max |a − b| / max |a| (issue 21's measure, stricter than a norm ratio)."""
+    for name, param in want.items():
+        if "base_layer" not in name:
+            continue
+        theirs = got[name]
+        moved = int(((param != 0) != (theirs != 0)).sum())
+        assert moved == 0, f"{case}: {moved} zeros of {name} moved"
+        rel = float((param - theirs).abs().max() / param.abs().max())
+        assert rel <= 1e-5, f"{case}: {name} differs by {rel:.2e} relative"
