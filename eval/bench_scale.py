@@ -15,8 +15,9 @@ weights from a config.json), measured in this order, each written to --out as so
    forward ratio uses these events (same calibration tokens as `forward`).
 4. `event_tf32`: one more event (PBS, EMA) with `pbs.matmul_precision: high` (TF32 products on CUDA), right
    after the schedule's events (float32 products, the default) on the same model and calibration tokens.
-5. `hessian_matmul` (CUDA only): XᵀX of one calibration micro-batch, upcast to float32 first against bf16
-   inputs with a float32 result (torch.mm out_dtype, what calibration.gram does on CUDA), time and difference.
+5. `hessian_matmul` (CUDA only): XᵀX of one calibration micro-batch, upcast to float32 first, bf16 inputs with a
+   float32 result (torch.mm out_dtype), and upcast to float64 (what calibration.InputStatistics does), time and
+   difference.
 6. `pbs_precision` (CUDA only): PBS hessian on a gate- and a down-shaped matrix, float32 matmuls against TF32,
    time, error reduction and the difference in ΔB.
 7. `profile` (with --profile): torch.profiler tables of one training step and one prune event (PBS, EMA).
@@ -321,14 +322,15 @@ class Bench:
 
 
 def hessian_matmul(rows: int, width: int, device: str) -> dict:
-    """XᵀX of a rows × width bf16 X: upcast to float32 first vs bf16 inputs with a float32 result (torch.mm
-    out_dtype, as calibration.gram forms H on CUDA): best of 3 seconds and the largest difference from the float32
-    product."""
+    """XᵀX of a rows × width bf16 X: upcast to float32 first, bf16 inputs with a float32 result (torch.mm out_dtype),
+    and upcast to float64 (as calibration.InputStatistics sums H, issue 21): best of 3 seconds and the largest
+    difference from the float32 product."""
     x = torch.randn(rows, width, device=device).to(torch.bfloat16)
     reference = x.float().T @ x.float()
     variants = {
         "fp32": lambda: x.float().T @ x.float(),
         "bf16_in_fp32_out": lambda: torch.mm(x.T, x, out_dtype=torch.float32),
+        "fp64": lambda: x.double().T @ x.double(),
     }
     row: dict = {"rows": rows, "width": width}
     for name, fn in variants.items():

@@ -241,7 +241,7 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
             try:
                 return _convert(option, value, path)
             except ConfigError as err:
-                errors.append(str(err))
+                errors.append(err)
         raise (
             errors[0]
             if len(errors) == 1

@@ -1,11 +1,10 @@
-"""What runs only on CUDA: the bf16 tensor-core H = XᵀX of calibration and PBS with TF32 products, each against a
+"""What runs only on CUDA: the float64-summed H = XᵀX of bf16/fp16 calibration activations and PBS with TF32 products, each against a
 float64 computation of the same formula; the event's EMA copied from the GPU into host memory, against the same
 events on CPU. Skipped without a GPU; run on the device (eval/gpu_trainer_runs.sh)."""
 
 import pytest
 import torch
 
-from exert_ds.prune.calibration import gram
 from exert_ds.prune.event import PruneEvent
 from exert_ds.prune.foresight import row_mask
 from exert_ds.prune.pbs import float32_matmul_precision, partial_brain_surgeon_with_errors
@@ -20,13 +19,27 @@ def rel(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gram_of_half_precision_activations_is_float32_and_exact_products(dtype):
+def test_hessian_of_half_precision_activations_is_exact_and_independent_of_the_split(dtype):
+    """H = XᵀX of bf16/fp16 activations, summed in float64 on the GPU: the float64 product rounded once to float32,
+    bitwise the same whether the tokens come in one micro-batch or in three, in another order."""
+    from torch import nn
+
+    from exert_ds.prune.calibration import InputStatistics
+
     x = (torch.randn(4096, 512, device="cuda") * torch.rand(512, device="cuda") * 3).to(dtype)
-    h = gram(x)
-    assert h.dtype == torch.float32
-    want = x.double().T @ x.double()
-    assert rel(gram(x.float()), want) < 1e-5  # the upcast path: float32 products and sums
-    assert rel(h, want) < 1e-4  # tensor-core float32 accumulation: about 2.5e-5 measured on an H200
+    want = (x.double().T @ x.double()).float()
+    hessians = []
+    for parts in ([x], [x[3000:], x[:1000], x[1000:3000]]):
+        linears = {role: nn.Linear(512, 2, device="cuda", dtype=dtype) for role in ("q", "o", "gate", "down")}
+        stats = InputStatistics(linears, want_hessian=True)
+        with stats.recording():
+            for part in parts:
+                linears["q"](part)
+        stats.reduce(lambda t: t)
+        hessians.append(stats.hessian["q"])
+    assert hessians[0].dtype == torch.float32
+    assert torch.equal(hessians[0], hessians[1])
+    assert rel(hessians[0], want.double()) < 1e-7
 
 
 def test_pbs_with_tf32_products_stays_close_to_float64_and_still_reduces_the_error():

@@ -1,4 +1,5 @@
-"""The scorer registry: a new pruning criterion is one class here (or in any module that imports `register`).
+"""The scorer registry: a new pruning criterion is one `@register` class in this file (config.py reads the registry
+when it is imported, to type `prune.scorer`).
 
 A scorer declares what it needs and what it does, and the event (event.py) and the config check (config.py) ask it
 instead of naming scorers:
@@ -88,9 +89,7 @@ def register(cls: type[Scorer]) -> type[Scorer]:
 
 
 def make_scorer(name: str) -> Scorer:
-    """A fresh instance of the scorer registered as `name`."""
-    if name not in SCORERS:
-        raise ValueError(f"config key 'prune.scorer' must be one of {', '.join(map(repr, SCORERS))}, got {name!r}")
+    """A fresh instance of the scorer registered as `name` (config.py has checked that there is one)."""
     return SCORERS[name]()
 
 
