@@ -14,6 +14,7 @@ import json
 import re
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -78,6 +79,14 @@ class Bounds:
         return f"{'<=' if self.le is not None else '<'} {high[:-1]}"
 
 
+@dataclass(frozen=True)
+class OneOf:
+    """A string key whose choices live in a registry, read when the key is checked: `Annotated[str, OneOf(SCORERS)]`
+    accepts every name registered by then."""
+
+    registry: Mapping[str, Any]
+
+
 def _num(value: float) -> str:
     return f"{value:g}"
 
@@ -85,7 +94,7 @@ def _num(value: float) -> str:
 Positive = Annotated[int, Bounds(gt=0)]
 Dtype = Literal["float32", "bfloat16", "float16"]
 PbsMode = Literal["hessian", "reference", "off"]
-ScorerName = Literal[tuple(SCORERS)]  # every registered scorer (prune/scorers.py)
+ScorerName = Annotated[str, OneOf(SCORERS)]  # every registered scorer (prune/scorers.py)
 
 
 @dataclass
@@ -223,9 +232,11 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
     if origin is Annotated:
         base, *constraints = typing.get_args(tp)
         value = _convert(base, value, path)
-        for bounds in constraints:
-            if isinstance(bounds, Bounds) and not bounds.holds(value):
-                raise ConfigError(f"config key '{path}' must be {bounds.describe()}, got {value}")
+        for rule in constraints:
+            if isinstance(rule, Bounds) and not rule.holds(value):
+                raise ConfigError(f"config key '{path}' must be {rule.describe()}, got {value}")
+            if isinstance(rule, OneOf) and value not in rule.registry:
+                raise ConfigError(f"config key '{path}' must be {_choices(tuple(rule.registry))}, got {value!r}")
         return value
     if origin is Literal:
         options = typing.get_args(tp)

@@ -243,3 +243,38 @@ def test_input_statistics_do_not_depend_on_how_the_tokens_are_split():
         assert energy.dtype == hessian.dtype == torch.float32
         assert torch.equal(energy, results[1].energy[group]) and torch.equal(hessian, results[1].hessian[group])
         torch.testing.assert_close(hessian.double(), x.double().T @ x.double(), rtol=1e-7, atol=0)
+
+
+def test_a_new_scorer_is_one_registered_class():
+    """A scorer defined here, in one class and nowhere else, is accepted by the config check and drives the event
+    (it prunes each row's largest |U|); one that updates the weights itself is refused next to PBS, from its
+    declaration alone."""
+    from exert_ds.prune.scorers import SCORERS, BlockInputsForScoring, MaskScorer, UpdatingScorer, register
+
+    @register
+    class Inverted(MaskScorer):
+        name = "test-inverted-magnitude"
+
+        def scores(self, block: BlockInputsForScoring) -> dict:
+            return {role: -u.abs() for role, u in block.effective.items()}
+
+    @register
+    class Updating(UpdatingScorer):
+        name = "test-updating"
+
+        def prune_rows(self, rows, hessian, sparsity, n, m):
+            keep = row_mask(rows.abs(), sparsity, n, m)
+            return rows * keep, keep
+
+    try:
+        model = tiny_lora_model("llama")
+        want = {key: row_mask(-u.abs(), 0.5) for key, u in effective_weights(model).items()}
+        run_prune_event(
+            model, DenseBackend(), event_config(sparsity=0.5, scorer=Inverted.name, pbs_mode="off"), calibration_ids()
+        )
+        for key, w in pruned_weights(model).items():
+            assert torch.equal(w != 0, want[key]), key
+        with pytest.raises(ConfigError, match="prune.scorer 'test-updating' updates the weights itself"):
+            PruneEvent(model, DenseBackend(), event_config(sparsity=0.5, scorer=Updating.name, pbs_mode="hessian"))
+    finally:
+        del SCORERS[Inverted.name], SCORERS[Updating.name]

@@ -1,9 +1,11 @@
 """One prune event over a PEFT LoRA model, block by block (algorithm.md §5; zero3.md for shards).
 
-Per block: collect E (and H) with the block as it is; score every role from the block's pre-event
-effective weights U = W + s·B·A; EMA; per-row masks; PBS; merge s·B·A into W and zero the pruned
-entries; re-draw A (seeded), B = 0, apply the optimizer policy; run the pruned block to get the next
-block's inputs. The same code runs on one process and on ZeRO-3 shards (access.Backend).
+Per block: collect E (and H when the scorer or PBS needs it) with the block as it is; score every role from the
+block's pre-event effective weights U = W + s·B·A with the registered scorer (scorers.py); EMA; per-row masks;
+PBS; merge s·B·A into W and zero the pruned entries (a weight-updating scorer such as SparseGPT does the masks and
+the merge's weights itself); re-draw A (seeded), B = 0, apply the optimizer policy; run the pruned block to get the
+next block's inputs. The same code runs on one process and on ZeRO-3 shards (access.Backend); each row is decided
+by the one process that owns it, on the whole row.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""The scorer registry: a new pruning criterion is one `@register` class in this file (config.py reads the registry
-when it is imported, to type `prune.scorer`).
+"""The scorer registry: a new pruning criterion is one `@register` class (here, or in a module imported before the
+run config is read); `prune.scorer` accepts every registered name.
 
 A scorer declares what it needs and what it does, and the event (event.py) and the config check (config.py) ask it
 instead of naming scorers:
@@ -89,7 +89,7 @@ def register(cls: type[Scorer]) -> type[Scorer]:
 
 
 def make_scorer(name: str) -> Scorer:
-    """A fresh instance of the scorer registered as `name` (config.py has checked that there is one)."""
+    """A fresh instance of the scorer registered as `name` (the config check has seen that there is one)."""
     return SCORERS[name]()
 
 
