@@ -121,7 +121,7 @@ def test_pbs_from_a_reconstructed_start_is_the_least_squares_optimum_and_never_w
     U = W + scale * B @ A
     H = X.T @ X
     start = obs_reconstruct(U, H, keep, blocksize=16)
-    new_b, before, after = partial_brain_surgeon_with_errors(W, A, B, scale, keep, H, 1e-2, start=start)
+    new_b, before, after = partial_brain_surgeon_with_errors(W, A, B, scale, keep, H, 1e-2, start_weight=start)
     for i in range(W.shape[0]):
         m = keep[i].to(W.dtype)
         a_hat = A * m
