@@ -93,6 +93,7 @@ def test_every_task_end_to_end_matches_direct_scores(setup, tmp_path):
         np.testing.assert_allclose(np.array(got["loglik"]), want, rtol=1e-4, atol=1e-4)
         pred = [examples.labels[i] for i in want.argmax(1)]
         assert got["predictions"] == pred
+        assert got["gold"] == list(examples.gold)
         assert got["accuracy"] == pytest.approx(np.mean(np.array(pred) == np.array(examples.gold)))
         assert got["ci95"]["accuracy"][0] <= got["accuracy"] <= got["ci95"]["accuracy"][1]
     assert results["tasks"]["medquad_qtype"]["labels"] == ["genetic changes", "information", "symptoms", "treatment"]

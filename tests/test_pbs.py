@@ -110,3 +110,29 @@ def test_matmul_precision_is_restored_after_the_block_even_on_error():
             assert torch.get_float32_matmul_precision() == "high"
             raise RuntimeError("inside")
     assert torch.get_float32_matmul_precision() == before
+
+
+def test_pbs_from_a_reconstructed_start_is_the_least_squares_optimum_and_never_worse():
+    """prune.reconstruct: obs then PBS: p_i = U_i − start_i, Δb_i the ridge least-squares optimum of
+    ‖X (p_i − s·Δb·Â_i)ᵀ‖² (solved row by row here), and the merge reconstructs no worse than `start`."""
+    from exert_ds.prune.sparsegpt import obs_reconstruct
+
+    W, A, B, scale, keep, X = layer(12, 40, 4, 200, seed=11)
+    U = W + scale * B @ A
+    H = X.T @ X
+    start = obs_reconstruct(U, H, keep, blocksize=16)
+    new_b, before, after = partial_brain_surgeon_with_errors(W, A, B, scale, keep, H, 1e-2, start_weight=start)
+    for i in range(W.shape[0]):
+        m = keep[i].to(W.dtype)
+        a_hat = A * m
+        lam = 1e-2 * torch.diagonal(a_hat @ H @ a_hat.T).mean()
+        design = torch.cat([X @ a_hat.T, lam.sqrt() * torch.eye(A.shape[0], dtype=W.dtype)])
+        target = torch.cat([X @ (U[i] - start[i]), torch.zeros(A.shape[0], dtype=W.dtype)])
+        y = torch.linalg.lstsq(design, target[:, None]).solution[:, 0]
+        assert torch.allclose((new_b - B)[i], y / scale, rtol=1e-8, atol=1e-10)
+    merged = start + (scale * (new_b - B) @ A) * keep
+    assert before == pytest.approx(float(((X @ (U - start).T) ** 2).sum()), rel=1e-9)
+    assert after == pytest.approx(float(((X @ (U - merged).T) ** 2).sum()), rel=1e-9)
+    assert after <= before
+    masked_only = float(((X @ (U * ~keep).T) ** 2).sum())
+    assert before < masked_only  # the reconstruction itself already beats masking

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from exert_ds.prune.sparsegpt import sparsegpt_prune
+from exert_ds.prune.sparsegpt import obs_reconstruct, sparsegpt_prune
 
 
 def _problem(rows: int, cols: int, seed: int = 0, dtype: torch.dtype = torch.float64, tokens: int = 512):
@@ -207,3 +207,44 @@ def test_m_not_dividing_in_raises():
     W, H, _ = _problem(4, 90)
     with pytest.raises(ValueError):
         sparsegpt_prune(W, H, 0.0, n=2, m=4, blocksize=32)
+
+
+def _random_row_keep(rows: int, cols: int, sparsity: float, seed: int) -> torch.Tensor:
+    k = math.floor(sparsity * cols)
+    order = torch.rand(rows, cols, generator=torch.Generator().manual_seed(seed)).argsort(dim=1)
+    return torch.ones(rows, cols, dtype=torch.bool).scatter_(1, order[:, :k], False)
+
+
+@pytest.mark.parametrize("rows,cols,blocksize", SHAPES)
+def test_obs_reconstruct_matches_reference_for_a_fixed_mask(rows, cols, blocksize):
+    """prune.reconstruct: obs — the fixed-mask elimination equals the float64 row-by-row OBS reference, whatever the
+    block size, keeps exactly the mask's zeros, and reconstructs better than masking alone."""
+    W, H, X = _problem(rows, cols, seed=5)
+    keep = _random_row_keep(rows, cols, 0.5, seed=6)
+    new = obs_reconstruct(W, H, keep, blocksize=blocksize)
+    ref, ref_keep = _reference(W, H, keep=keep)
+    assert torch.equal(ref_keep, keep)
+    assert torch.allclose(new, ref, rtol=1e-9, atol=1e-9 * float(W.abs().max()))
+    assert torch.equal(new == 0, ~keep)
+    assert _recon_error(new - W, X) < _recon_error(W * keep - W, X)
+
+
+def test_obs_reconstruct_of_sparsegpt_mask_is_sparsegpt():
+    """With SparseGPT's own mask the fixed-mask elimination reproduces SparseGPT's weights (float32)."""
+    W, H, _ = _problem(17, 100, seed=7, dtype=torch.float32)
+    new, keep = sparsegpt_prune(W, H, 0.5, blocksize=32)
+    assert torch.allclose(obs_reconstruct(W, H, keep, blocksize=32), new, rtol=1e-5, atol=1e-6)
+
+
+def test_obs_reconstruct_rows_are_independent_and_dead_inputs_kept():
+    W, H, X = _problem(12, 64, seed=8)
+    X[:, [3, 40]] = 0
+    H = X.T @ X
+    keep = _random_row_keep(12, 64, 0.5, seed=9)
+    new = obs_reconstruct(W, H, keep, blocksize=16)
+    assert torch.allclose(obs_reconstruct(W[5:9], H, keep[5:9], blocksize=16), new[5:9], rtol=0, atol=1e-12)
+    dead_kept = keep[:, [3, 40]]
+    assert torch.equal(new[:, [3, 40]][dead_kept], W[:, [3, 40]][dead_kept])  # no token sees them: untouched
+    assert torch.equal(new == 0, ~keep)
+    with pytest.raises(ValueError):
+        obs_reconstruct(W, H, keep[:, :10])

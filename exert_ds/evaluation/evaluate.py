@@ -171,6 +171,7 @@ def task_result(examples, loglik: np.ndarray, settings: EvalSettings) -> dict[st
         **classification_report(examples.gold, pred, settings.bootstrap, settings.seed),
     }
     if settings.save_scores:
+        result["gold"] = list(examples.gold)
         result["predictions"] = pred
         result["loglik"] = loglik.tolist()
     return result

@@ -68,12 +68,26 @@ def partial_brain_surgeon(
 
 
 def partial_brain_surgeon_with_errors(
-    W: Tensor, A: Tensor, B: Tensor, scale: float, keep: Tensor, hessian: Tensor, reg: float = 1e-2
+    W: Tensor,
+    A: Tensor,
+    B: Tensor,
+    scale: float,
+    keep: Tensor,
+    hessian: Tensor,
+    reg: float = 1e-2,
+    start_weight: Tensor | None = None,
 ) -> tuple[Tensor, float, float]:
     """`partial_brain_surgeon` plus the calibration reconstruction error `Σ_i d_i H d_iᵀ` of the masked merge,
     d_i = M_i ⊙ (U_i + s·Δb_i·A) − U_i, before (ΔB = 0: d_i = −p_i) and after PBS. Both come from products the
-    solve needs anyway: p H pᵀ, and −2·y·rhs + y·G·yᵀ with y = s·Δb (no second pass over H)."""
+    solve needs anyway: p H pᵀ, and −2·y·rhs + y·G·yᵀ with y = s·Δb (no second pass over H).
+
+    `start_weight` (out×in, zero where `keep` is False): the masked weights the merge starts from when they are not
+    M ⊙ U, e.g. after `prune.reconstruct: obs` updated the kept entries (algorithm.md §8). Then p_i = U_i − start_i
+    (what the kept weights could not absorb), the merge is start + M ⊙ (s·ΔB·A), and the same least-squares form
+    holds, so PBS still never increases the error of the start."""
     _check_shapes(W, A, B, keep, scale)
+    if start_weight is not None and start_weight.shape != W.shape:
+        raise ValueError(f"PBS shapes disagree: W {tuple(W.shape)}, start_weight {tuple(start_weight.shape)}")
     dtype = _work_dtype(W, A, B, hessian)
     w, a, b, h = W.to(dtype), A.to(dtype), B.to(dtype), hessian.to(dtype)
     mask = keep.to(dtype)
@@ -85,7 +99,8 @@ def partial_brain_surgeon_with_errors(
     for start in range(0, w.shape[0], step):
         rows = slice(start, start + step)
         m = mask[rows]
-        pruned = (w[rows] + scale * (b[rows] @ a)) * (1 - m)  # p_i = (1 − M_i) ⊙ U_i
+        u = w[rows] + scale * (b[rows] @ a)
+        pruned = u * (1 - m) if start_weight is None else u - start_weight[rows].to(dtype)  # p_i = U_i − start_i
         pruned_h = pruned @ h
         rhs = (pruned_h * m) @ a.T  # chunk × r
         masked_a = a[None] * m[:, None, :]

@@ -54,14 +54,45 @@ def sparsegpt_prune(
     float64); new_weight is returned in weight's dtype, with pruned entries exactly 0.
     """
     _check(weight, hessian, sparsity, n, m, blocksize, percdamp)
+    return _eliminate(weight, hessian, blocksize, percdamp, sparsity=sparsity, n=n, m=m)
+
+
+def obs_reconstruct(
+    weight: Tensor, hessian: Tensor, keep: Tensor, blocksize: int = 128, percdamp: float = 0.01
+) -> Tensor:
+    """SparseGPT's column-blocked optimal-brain-surgeon update with the mask fixed (algorithm.md §8,
+    `prune.reconstruct: obs`): the entries with `keep` False are eliminated left to right as in `sparsegpt_prune`,
+    each one's error spread over the row's later columns through the upper Cholesky factor of (H + λI)⁻¹, and the
+    kept entries absorb it. weight, keep: (out, in); hessian: (in, in) = XᵀX. Rows are independent given H, so
+    any subset of complete rows gives the same result for those rows. Returns the new weight in weight's dtype,
+    with the pruned entries exactly 0 (dead inputs, H_cc = 0, keep their values: they meet no calibration token).
+    Raises ValueError on shapes that disagree."""
+    if keep.shape != weight.shape:
+        raise ValueError(f"OBS reconstruction shapes disagree: weight {tuple(weight.shape)}, keep {tuple(keep.shape)}")
+    _check(weight, hessian, 0.0, 0, 0, blocksize, percdamp)
+    return _eliminate(weight, hessian, blocksize, percdamp, keep=keep)[0]
+
+
+def _eliminate(
+    weight: Tensor,
+    hessian: Tensor,
+    blocksize: int,
+    percdamp: float,
+    sparsity: float = 0.0,
+    n: int = 0,
+    m: int = 0,
+    keep: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The sequential OBS elimination shared by both: the mask chosen per block (`keep` None) or given."""
     dtype = torch.float64 if torch.float64 in (weight.dtype, hessian.dtype) else torch.float32
     W = weight.detach().to(dtype=dtype, copy=True)
     H = hessian.detach().to(device=W.device, dtype=dtype)
     columns = W.shape[1]
     dead = torch.diagonal(H) == 0
-    W[:, dead] = 0
+    if keep is None:
+        W[:, dead] = 0
     Hinv = _inverse_hessian_factor(H, dead, percdamp)
-    prune = torch.zeros_like(W, dtype=torch.bool)
+    prune = torch.zeros_like(W, dtype=torch.bool) if keep is None else ~keep.to(W.device)
 
     for i1 in range(0, columns, blocksize):
         i2 = min(i1 + blocksize, columns)
@@ -69,14 +100,14 @@ def sparsegpt_prune(
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         d2 = torch.diagonal(Hinv1).square()
-        mask1 = torch.zeros_like(W1, dtype=torch.bool)
-        if n == 0:
+        mask1 = prune[:, i1:i2].clone()
+        if keep is None and n == 0:
             k = math.floor(sparsity * i2) - math.floor(sparsity * i1)
             if k > 0:
                 order = torch.argsort(W1.square() / d2, dim=1, stable=True)
                 mask1.scatter_(1, order[:, :k], True)
         for i in range(i2 - i1):
-            if n != 0 and i % m == 0:
+            if keep is None and n != 0 and i % m == 0:
                 order = torch.argsort(W1[:, i : i + m].square() / d2[i : i + m], dim=1, stable=True)
                 mask1.scatter_(1, i + order[:, :n], True)
             w = W1[:, i]
