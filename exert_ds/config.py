@@ -137,6 +137,7 @@ class PruneConfig:
     start_step: Annotated[int, Bounds(ge=0)] = 0
     ramp: Literal["none", "cubic"] = "none"  # "cubic": Zhu & Gupta ramp from 0 to sparsity over the events
     ema_eta: Annotated[float, Bounds(gt=0, le=1)] = 0.5
+    reconstruct: Literal["none", "obs"] = "none"  # "obs": OBS update of the kept weights at each event (§8 a)
 
 
 @dataclass
@@ -147,6 +148,7 @@ class PBSConfig:
     matmul_precision: MatmulPrecision = (
         "highest"  # hessian mode's float32 products: highest (float32) | high (TF32 on CUDA)
     )
+    at_final: bool = False  # PBS at the final event as well (algorithm.md §8 b)
 
 
 @dataclass
@@ -309,6 +311,19 @@ def _check_pruning(cfg: RunConfig) -> None:
     _check(
         not (SCORERS[p.scorer].updates_weights and cfg.pbs.mode != "off"),
         f"prune.scorer '{p.scorer}' updates the weights itself: set 'pbs.mode: off'",
+    )
+    _check(
+        not (SCORERS[p.scorer].updates_weights and p.reconstruct != "none"),
+        f"prune.scorer '{p.scorer}' updates the weights itself: set 'prune.reconstruct: none'",
+    )
+    _check(
+        not (p.reconstruct == "obs" and cfg.pbs.mode == "reference"),
+        "config key 'prune.reconstruct: obs' updates the kept weights, which 'pbs.mode: reference' does not model: "
+        "use pbs.mode hessian or off",
+    )
+    _check(
+        not (cfg.pbs.at_final and cfg.pbs.mode == "off"),
+        "config key 'pbs.at_final' asks for PBS at the final event but 'pbs.mode' is off: set a mode or drop at_final",
     )
 
 

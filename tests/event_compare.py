@@ -9,22 +9,30 @@ from exert_ds.runtime.access import DenseBackend
 from tests.tiny_models import calibration_ids, event_config, tiny_lora_model
 
 
+def case_config(case: str, **train):
+    """`case` = "scorer:pbs_mode" or "scorer:pbs_mode:obs" (prune.reconstruct obs): the event's config at sparsity
+    0.5, seed 5 (`train` keys: reset_after_prune, micro_batch)."""
+    scorer, pbs_mode, *rest = case.split(":")
+    reconstruct = rest[0] if rest else "none"
+    return event_config(sparsity=0.5, scorer=scorer, pbs_mode=pbs_mode, seed=5, reconstruct=reconstruct, **train)
+
+
 def dense_event(family: str, case: str, layers: int = 2, micro_batch: int = 4):
-    """`case` = "scorer:pbs_mode" at sparsity 0.5, seed 5, on tiny_lora_model(family): (parameters, report scalars)."""
-    scorer, pbs_mode = case.split(":")
+    """One event of `case` (see case_config) on tiny_lora_model(family): (parameters, report scalars)."""
     model = tiny_lora_model(family, layers=layers)
-    settings = event_config(sparsity=0.5, scorer=scorer, pbs_mode=pbs_mode, seed=5, micro_batch=micro_batch)
-    report, _ = run_prune_event(model, DenseBackend(), settings, calibration_ids(), pbs=pbs_mode != "off")
+    settings = case_config(case, micro_batch=micro_batch)
+    report, _ = run_prune_event(model, DenseBackend(), settings, calibration_ids(), pbs=settings.pbs.mode != "off")
     return dict(model.named_parameters()), report.scalars()
 
 
 def every_registered_case() -> list[str]:
-    """Each registered scorer; a mask scorer under both PBS solves (hessian: H, reference: E), an updating one alone."""
+    """Each registered scorer; a mask scorer under both PBS solves (hessian: H, reference: E), an updating one alone;
+    and the OBS reconstruction of the kept weights (a solve on H too)."""
     return [
         f"{name}:{mode}"
         for name, scorer in SCORERS.items()
         for mode in (("off",) if scorer.updates_weights else ("hessian", "reference"))
-    ]
+    ] + ["foresight:hessian:obs", "wanda:off:obs"]  # prune.reconstruct obs, with and without PBS after it
 
 
 def assert_same_weights(want: dict, got: dict, case: str) -> None:

@@ -47,8 +47,9 @@ def lowest_per_row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     return keep
 
 
-def pbs_rows_lstsq(U, A, keep, X, scale, reg=1e-2):
-    """ΔB row by row: min_y ‖X Â_iᵀ y − X p_iᵀ‖² + λ'_i‖y‖², y = s·Δb_iᵀ, λ'_i = reg·mean diag(Â_i XᵀX Â_iᵀ)."""
+def pbs_rows_lstsq(U, A, keep, X, scale, reg=1e-2, start=None):
+    """ΔB row by row: min_y ‖X Â_iᵀ y − X p_iᵀ‖² + λ'_i‖y‖², y = s·Δb_iᵀ, λ'_i = reg·mean diag(Â_i XᵀX Â_iᵀ),
+    p_i = (1 − M_i) ⊙ U_i, or U_i − start_i when the merge starts from reconstructed weights `start`."""
     H = X.T @ X
     delta = torch.zeros(U.shape[0], A.shape[0], dtype=U.dtype)
     for i in range(U.shape[0]):
@@ -56,16 +57,41 @@ def pbs_rows_lstsq(U, A, keep, X, scale, reg=1e-2):
         a_hat = A * m
         lam = reg * torch.diagonal(a_hat @ H @ a_hat.T).mean()
         design = torch.cat([X @ a_hat.T, lam.sqrt() * torch.eye(A.shape[0], dtype=U.dtype)])
-        target = torch.cat([X @ ((1 - m) * U[i]), torch.zeros(A.shape[0], dtype=U.dtype)])
+        p = (1 - m) * U[i] if start is None else U[i] - start[i]
+        target = torch.cat([X @ p, torch.zeros(A.shape[0], dtype=U.dtype)])
         delta[i] = torch.linalg.lstsq(design, target[:, None]).solution[:, 0] / scale
     return delta
 
 
+def obs_rows_reference(U: torch.Tensor, keep: torch.Tensor, H: torch.Tensor, percdamp: float = 0.01) -> torch.Tensor:
+    """prune.reconstruct obs, row by row in float64: eliminate the pruned columns left to right, each one's error
+    spread over the later columns by the upper Cholesky factor of (H + λI)⁻¹ (λ = percdamp · mean diag H; dead
+    inputs H_cc = 0 get H_cc = 1 first); keep a row's update only if it lowers d H dᵀ below masking alone."""
+    H = H.double().clone()
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1
+    Hd = H + percdamp * H.diagonal().mean() * torch.eye(H.shape[0], dtype=torch.float64)
+    Uc = torch.linalg.cholesky(torch.linalg.inv(Hd), upper=True)
+    out = torch.zeros_like(U, dtype=torch.float64)
+    for i in range(U.shape[0]):
+        w = U[i].double().clone()
+        for j in range(U.shape[1]):
+            if not keep[i, j]:
+                w[j:] = w[j:] - w[j] / Uc[j, j] * Uc[j, j:]
+                w[j] = 0.0
+        masked = U[i].double() * keep[i]
+        err = [float(d @ H0 @ d) for d, H0 in ((w - U[i].double(), H), (masked - U[i].double(), H))]
+        out[i] = w if err[0] <= err[1] else masked
+    return out
+
+
 @torch.no_grad()
-def sequential_event(peft_model, ids, sparsity: float, scorer: str = "foresight", pbs: bool = True):
+def sequential_event(
+    peft_model, ids, sparsity: float, scorer: str = "foresight", pbs: bool = True, reconstruct: bool = False
+):
     """One prune event, re-implemented: a full forward per block to record that block's linear inputs
-    (earlier blocks already pruned), then scores, masks, PBS, merge and mask, B = 0. Returns the model copy
-    and role masks per block."""
+    (earlier blocks already pruned), then scores, masks, (the OBS reconstruction of the kept weights), PBS, merge
+    and mask, B = 0. Returns the model copy and role masks per block."""
     model = copy.deepcopy(peft_model).eval()
     cfg = model.config
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -97,8 +123,12 @@ def sequential_event(peft_model, ids, sparsity: float, scorer: str = "foresight"
         block_masks = {}
         for r, (w, a, b, s) in parts.items():
             keep = lowest_per_row_mask(scores[r], sparsity)
-            delta = pbs_rows_lstsq(U[r], a.double(), keep, X[r], s) if pbs else torch.zeros_like(b.double())
-            w.copy_((keep * (U[r] + s * delta @ a.double())).to(w.dtype))
+            start = obs_rows_reference(U[r], keep, X[r].T @ X[r]) if reconstruct else U[r] * keep
+            if pbs:
+                delta = pbs_rows_lstsq(U[r], a.double(), keep, X[r], s, start=start)
+            else:
+                delta = torch.zeros_like(b.double())
+            w.copy_((start + keep * (s * delta @ a.double())).to(w.dtype))
             b.zero_()
             block_masks[r] = keep
         masks.append(block_masks)

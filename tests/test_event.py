@@ -54,6 +54,43 @@ def test_event_matches_sequential_reference(family, scorer, pbs):
         torch.testing.assert_close(w, want[key], rtol=1e-9, atol=1e-12, msg=f"weight of {key}")
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("scorer,pbs", [("foresight", True), ("wanda", False)])
+def test_reconstruct_obs_matches_sequential_reference(family, scorer, pbs):
+    """prune.reconstruct obs (algorithm.md §8 a): the kept weights take the fixed-mask OBS update (kept per row only
+    where it lowers d H dᵀ), then PBS fits what is left; against the float64 row-by-row reference, exact zeros."""
+    model = tiny_lora_model(family, dtype=torch.float64)
+    ids = calibration_ids()
+    reference, masks = sequential_event(model, ids, 0.5, scorer, pbs, reconstruct=True)
+    settings = event_config(sparsity=0.5, scorer=scorer, pbs_mode="hessian" if pbs else "off", reconstruct="obs")
+    report, _ = run_prune_event(model, DenseBackend(), settings, ids, pbs=pbs)
+    got, want = pruned_weights(model), pruned_weights(reference)
+    for key, w in got.items():
+        block, role = key
+        assert torch.equal(w != 0, masks[block][role]), f"mask of {key}"
+        assert int((w == 0).sum(1).min()) == math.floor(0.5 * w.shape[1]), f"zeros per row of {key}"
+        torch.testing.assert_close(w, want[key], rtol=1e-9, atol=1e-12, msg=f"weight of {key}")
+    scalars = report.scalars()
+    for role in ("q", "k", "v", "o", "gate", "up", "down"):
+        assert scalars[f"obs_error_reduction/{role}"] > 0  # never worse, and better here on every role
+        if pbs:
+            assert scalars[f"pbs_error_reduction/{role}"] >= 0
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"scorer": "sparsegpt", "pbs_mode": "off", "reconstruct": "obs"}, "set 'prune.reconstruct: none'"),
+        ({"pbs_mode": "reference", "reconstruct": "obs"}, "use pbs.mode hessian or off"),
+        ({"pbs_mode": "off", "at_final": True}, "'pbs.at_final' asks for PBS at the final event"),
+    ],
+)
+def test_bad_combinations_of_the_options_are_one_line(kwargs, message):
+    with pytest.raises(ConfigError) as error:
+        PruneEvent(tiny_lora_model("llama"), DenseBackend(), event_config(**{"sparsity": 0.5, **kwargs}))
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_event_leaves_sparse_merged_model(family):
     model = tiny_lora_model(family, r=3)

@@ -32,3 +32,9 @@ def test_disabled_and_single_epoch():
     assert plan_events(PruneConfig(enabled=False), 10, 10) == []
     (only,) = plan_events(PruneConfig(sparsity=0.5), total_steps=10, steps_per_epoch=10)
     assert only.final and only.step == 10 and not only.pbs and not only.ema
+
+
+def test_pbs_at_final_runs_pbs_at_the_final_event_too():
+    events = plan_events(PruneConfig(sparsity=0.5), total_steps=30, steps_per_epoch=10, pbs_at_final=True)
+    assert [e.pbs for e in events] == [True, True, True] and events[-1].final and not events[-1].ema
+    assert [e.pbs for e in plan_events(PruneConfig(sparsity=0.5), 30, 10)] == [True, True, False]

@@ -80,7 +80,12 @@ def calibration_ids(n: int = 6, length: int = 12, vocab: int = 96, seed: int = 0
 
 
 def event_config(
-    pbs_mode: str = "hessian", seed: int = 0, reset_after_prune: str = "none", micro_batch: int = 4, **prune
+    pbs_mode: str = "hessian",
+    seed: int = 0,
+    reset_after_prune: str = "none",
+    micro_batch: int = 4,
+    at_final: bool = False,
+    **prune,
 ):
     """A RunConfig holding what a prune event reads: `prune` keys (sparsity, scorer, n, m, ema_eta), `pbs.mode`,
     `train.seed`, `train.reset_after_prune`, `calibration.micro_batch`."""
@@ -88,7 +93,7 @@ def event_config(
 
     return RunConfig(
         prune=PruneConfig(**prune),
-        pbs=PBSConfig(mode=pbs_mode),
+        pbs=PBSConfig(mode=pbs_mode, at_final=at_final),
         train=TrainConfig(seed=seed, reset_after_prune=reset_after_prune),
         calibration=CalibrationConfig(micro_batch=micro_batch),
     )

@@ -28,6 +28,7 @@ from exert_ds.prune.pbs import (
     partial_brain_surgeon_reference,
     partial_brain_surgeon_with_errors,
 )
+from exert_ds.prune.reconstruct import reconstruct_rows
 from exert_ds.prune.scorers import BlockInputsForScoring, MaskScorer, UpdatingScorer, make_scorer
 from exert_ds.runtime.access import Backend, LinearAccess
 
@@ -54,6 +55,8 @@ class RoleReport:
     mask_changed: int = 0  # held elements whose keep flag differs from before the event
     pbs_error_before: float = 0.0
     pbs_error_after: float = 0.0
+    obs_error_before: float = 0.0  # prune.reconstruct obs: masking alone
+    obs_error_after: float = 0.0  # … and with the kept weights updated
 
 
 @dataclass
@@ -71,6 +74,8 @@ class EventReport:
                 out[f"mask_change/{role}"] = rep.mask_changed / rep.held
             if rep.pbs_error_before > 0:
                 out[f"pbs_error_reduction/{role}"] = 1.0 - rep.pbs_error_after / rep.pbs_error_before
+            if rep.obs_error_before > 0:
+                out[f"obs_error_reduction/{role}"] = 1.0 - rep.obs_error_after / rep.obs_error_before
         return out
 
 
@@ -110,7 +115,9 @@ class PruneEvent:
         was_training = self.model.training
         self.model.eval()
         use_pbs = pbs and cfg.pbs.mode != "off" and not self.scorer.updates_weights
-        want_hessian = self.scorer.needs_hessian or (use_pbs and cfg.pbs.mode == "hessian")
+        want_hessian = (
+            self.scorer.needs_hessian or (use_pbs and cfg.pbs.mode == "hessian") or cfg.prune.reconstruct == "obs"
+        )
         inputs = capture_block_inputs(self.model, calibration_ids, cfg.calibration.micro_batch)
         layers = decoder_layers(self.model)
         bar = tqdm(range(len(layers)), desc=f"prune event {event}", disable=not progress or self.backend.rank != 0)
@@ -205,10 +212,14 @@ class PruneEvent:
             else:
                 mixed = self._ema(block, role, _held(scores[role], valid), valid, ema)  # (rows_held, in)
                 keep_rows = row_mask(_rows_of(owned, acc.complete_rows(mixed)), sparsity, n, m)  # (rows_owned, in)
+                start_rows = None  # the masked weights the merge starts from, when not M ⊙ U: (rows_owned, in)
+                if cfg.prune.reconstruct == "obs":
+                    start_rows = self._reconstruct(acc, role, u_block, keep_rows, hessian, report)
                 delta_b = torch.zeros_like(b)  # ΔB: (out, r)
                 if use_pbs:
-                    delta_b = self._pbs(acc, role, u_block, keep_rows, a, scale, energy, hessian, report)
-                merged = u_block + scale * (delta_b[rows] @ a)  # (rows_held, in)
+                    delta_b = self._pbs(acc, role, u_block, keep_rows, a, scale, energy, hessian, report, start_rows)
+                start = u_block if start_rows is None else _from_owners(acc, owned, start_rows, u_block)
+                merged = start + scale * (delta_b[rows] @ a)  # (rows_held, in), masked below
             keep = _from_owners(acc, owned, keep_rows.to(u_block.dtype), u_block) != 0  # (rows_held, in)
             acc.write_weight_block(merged * keep)
             rep = report.roles[role]
@@ -243,6 +254,17 @@ class PruneEvent:
         else:
             host.copy_(mixed)
 
+    def _reconstruct(
+        self, acc: LinearAccess, role: str, u_block: Tensor, keep_rows: Tensor, hessian: Tensor, report: EventReport
+    ) -> Tensor:
+        """`prune.reconstruct: obs` on the whole rows this process owns: (rows_owned, in), zero where pruned."""
+        u_rows = _rows_of(acc.owned(), acc.complete_rows(u_block))  # (rows_owned, in)
+        new_rows, before, after = reconstruct_rows(u_rows, keep_rows, hessian)
+        errors = self.backend.all_reduce(torch.tensor([before, after], dtype=torch.float64))
+        report.roles[role].obs_error_before += float(errors[0])
+        report.roles[role].obs_error_after += float(errors[1])
+        return new_rows.to(u_block.dtype)
+
     def _pbs(
         self,
         acc: LinearAccess,
@@ -254,9 +276,11 @@ class PruneEvent:
         energy: Tensor,
         hessian: Tensor | None,
         report: EventReport,
+        start_rows: Tensor | None = None,
     ) -> Tensor:
         """ΔB: (out, r) from the rows this process owns (`keep_rows`: their masks, (rows_owned, in)), summed over
-        processes so every rank holds the same ΔB (each row written by its owner only)."""
+        processes so every rank holds the same ΔB (each row written by its owner only). `start_rows`
+        (rows_owned, in): the reconstructed weights the merge starts from (mode hessian only)."""
         pbs = self.cfg.pbs
         owned = acc.owned()
         u_rows = _rows_of(owned, acc.complete_rows(u_block))  # (rows_owned, in)
@@ -265,7 +289,7 @@ class PruneEvent:
             reg = 1e-2 if pbs.reg is None else pbs.reg
             with float32_matmul_precision(pbs.matmul_precision):
                 delta_rows, before, after = partial_brain_surgeon_with_errors(
-                    u_rows, a, zeros, scale, keep_rows, hessian, reg
+                    u_rows, a, zeros, scale, keep_rows, hessian, reg, start_weight=start_rows
                 )
             errors = self.backend.all_reduce(torch.tensor([before, after], dtype=torch.float64))
             report.roles[role].pbs_error_before += float(errors[0])

@@ -2,7 +2,7 @@
 
 Epoch schedule (default): epoch 0 is dense LoRA; an event before the first step of every later epoch and
 one after the last step (always: it leaves B = 0 and the model merged). `every_steps: K`: events before steps start_step + K, + 2K, ... and one at the
-end. PBS at every event but the final one; EMA at every event but the first and the final one. With
+end. PBS at every event but the final one (and at that one too with `pbs.at_final`); EMA at every event but the first and the final one. With
 `ramp: cubic` the sparsity of event i of n is p·(1 − (1 − i/n)³) (Zhu & Gupta), reaching p at the last.
 """
 
@@ -22,8 +22,11 @@ class PlannedEvent:
     final: bool
 
 
-def plan_events(prune: PruneConfig, total_steps: int, steps_per_epoch: int) -> list[PlannedEvent]:
-    """Every event of a run of `total_steps` optimizer steps, in order."""
+def plan_events(
+    prune: PruneConfig, total_steps: int, steps_per_epoch: int, pbs_at_final: bool = False
+) -> list[PlannedEvent]:
+    """Every event of a run of `total_steps` optimizer steps, in order. `pbs_at_final` (`pbs.at_final`,
+    algorithm.md §8 b): PBS at the final event too."""
     if not prune.enabled:
         return []
     if prune.every_steps is None:
@@ -36,5 +39,5 @@ def plan_events(prune: PruneConfig, total_steps: int, steps_per_epoch: int) -> l
     for i, step in enumerate(steps):
         final = i == count - 1
         sparsity = prune.sparsity if prune.ramp == "none" else prune.sparsity * (1 - (1 - (i + 1) / count) ** 3)
-        events.append(PlannedEvent(step, sparsity, pbs=not final, ema=0 < i and not final, final=final))
+        events.append(PlannedEvent(step, sparsity, pbs=pbs_at_final or not final, ema=0 < i and not final, final=final))
     return events

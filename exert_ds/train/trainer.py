@@ -291,7 +291,7 @@ def train(cfg: RunConfig, resume: str | None = None) -> Path | None:
     accumulation = engine.gradient_accumulation_steps()
     steps_per_epoch = len(loader) // accumulation
     total = min(cfg.train.max_steps or steps_per_epoch * cfg.train.epochs, steps_per_epoch * cfg.train.epochs)
-    plan = plan_events(cfg.prune, total, steps_per_epoch)
+    plan = plan_events(cfg.prune, total, steps_per_epoch, cfg.pbs.at_final)
     logger.line(
         f"training {total} steps ({steps_per_epoch} per epoch), prune events before steps {[e.step for e in plan]}"
     )

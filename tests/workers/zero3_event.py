@@ -22,11 +22,14 @@ from exert_ds.model.architecture import block_linears, decoder_layers
 from exert_ds.model.lora import adapter_seed, fresh_lora_a, lora_parts
 from exert_ds.prune.event import run_prune_event
 from exert_ds.runtime.zero3 import Zero3Backend, local_range, local_values
-from tests.tiny_models import calibration_ids, event_config, tiny_lora_model
+from tests.event_compare import case_config
+from tests.tiny_models import calibration_ids, tiny_lora_model
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--family", default="llama-odd")
-parser.add_argument("--cases", default="foresight:hessian", help="comma-separated scorer:pbs_mode, one engine each")
+parser.add_argument(
+    "--cases", default="foresight:hessian", help="comma-separated scorer:pbs_mode[:obs], one engine each"
+)
 parser.add_argument("--layers", type=int, default=2)
 parser.add_argument("--persistence", type=int, default=0)
 parser.add_argument("--policy", default="none")
@@ -51,7 +54,6 @@ deepspeed.init_distributed(dist_backend="gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 results = {}
 for case in args.cases.split(","):
-    scorer, pbs_mode = case.split(":")
     model = tiny_lora_model(args.family, layers=args.layers)
     config = {
         "train_micro_batch_size_per_gpu": 1,
@@ -68,9 +70,11 @@ for case in args.cases.split(","):
         engine.step()
 
     before = forward_bookkeeping(engine.module)
-    settings = event_config(sparsity=0.5, scorer=scorer, pbs_mode=pbs_mode, reset_after_prune=args.policy, seed=5)
+    settings = case_config(case, reset_after_prune=args.policy)
     ids = calibration_ids()  # 6 sequences: each rank takes its share
-    report, _ = run_prune_event(engine.module, Zero3Backend(), settings, ids[rank::world], pbs=pbs_mode != "off")
+    report, _ = run_prune_event(
+        engine.module, Zero3Backend(), settings, ids[rank::world], pbs=settings.pbs.mode != "off"
+    )
 
     if args.train_step:
         after = forward_bookkeeping(engine.module)
