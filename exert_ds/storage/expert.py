@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import deepspeed.comm as dist
@@ -243,18 +243,29 @@ def _read_fragment(file: Path, name: str, storage: str, out: Tensor) -> None:
             out[at : at + DENSE_CHUNK] = stored[at : at + DENSE_CHUNK]
 
 
-def assemble(path: Path, manifest: dict, check: bool = True) -> Iterator[tuple[str, Tensor]]:
-    """expert_tensors without the sha256 pass (for a caller that ran verify_files itself); `check`: the promise."""
-    world = manifest["world_size"]
-    pattern = (manifest["promise"]["n"], manifest["promise"]["m"])
-    for name, entry in manifest["tensors"].items():
-        shape = tuple(entry["shape"])
-        flat = torch.empty(int(np.prod(shape, dtype=np.int64)), dtype=getattr(torch, entry["dtype"]))
-        for rank, (start, end) in enumerate(entry["ranges"]):
-            if start < end:
-                _read_fragment(path / rank_file(rank, world), name, entry["storage"], flat[start:end])
-        weight = flat.view(shape)
-        if check and entry["storage"] == "sparse":
-            check_promise(path, name, weight, entry, pattern)
+def read_tensor(path: Path, manifest: dict, name: str, check: bool = True) -> Tensor:
+    """The full tensor `name` (Hugging Face name, a key of the manifest's `tensors`), assembled from the rank files
+    without a sha256 pass (the caller ran verify_files); `check`: its zeros per row against the promise."""
+    entry = manifest["tensors"].get(name)
+    if entry is None:
+        raise ConfigError(f"{path / MANIFEST} lists no tensor {name}; the expert does not hold it")
+    shape, world = tuple(entry["shape"]), manifest["world_size"]
+    flat = torch.empty(int(np.prod(shape, dtype=np.int64)), dtype=getattr(torch, entry["dtype"]))
+    for rank, (start, end) in enumerate(entry["ranges"]):
+        if start < end:
+            _read_fragment(path / rank_file(rank, world), name, entry["storage"], flat[start:end])
+    weight = flat.view(shape)
+    if check and entry["storage"] == "sparse":
+        check_promise(path, name, weight, entry, (manifest["promise"]["n"], manifest["promise"]["m"]))
+    return weight
+
+
+def assemble(
+    path: Path, manifest: dict, check: bool = True, names: Iterable[str] | None = None
+) -> Iterator[tuple[str, Tensor]]:
+    """expert_tensors without the sha256 pass (for a caller that ran verify_files itself), in the order of `names`
+    (default: the manifest's); `check`: the promise. One tensor alive at a time."""
+    for name in manifest["tensors"] if names is None else names:
+        weight = read_tensor(path, manifest, name, check)
         yield name, weight
-        del flat, weight  # before the next tensor is allocated: the caller holds the only reference now
+        del weight  # before the next tensor is allocated: the caller holds the only reference now

@@ -10,6 +10,7 @@ stops every rank with the same one-line error instead of leaving them waiting in
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Any
 
 import deepspeed
@@ -20,7 +21,7 @@ from transformers.integrations import HfDeepSpeedConfig
 
 from exert_ds.config import ModelConfig
 from exert_ds.errors import ConfigError
-from exert_ds.storage.expert import expert_tensors, read_manifest
+from exert_ds.storage.expert import read_manifest, read_tensor, verify_files
 
 
 def promised_sparsity(manifest: dict) -> float | None:
@@ -55,16 +56,22 @@ def load_expert_model(
         model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, cfg.dtype))
     params = dict(model.named_parameters())
     rank = dist.get_rank() if dist.is_initialized() else 0
-    reader = expert_tensors(path) if rank == 0 or not zero3 else None
+    reads = rank == 0 or not zero3
+    error = None
+    if reads:
+        try:
+            verify_files(path, manifest)  # every file's sha256 before anything is read
+        except ConfigError as err:
+            error = str(err)
     loaded = set()
     for name in manifest["tensors"]:
-        error, tensor = None, None
-        if reader is not None:
+        tensor = None
+        if reads and error is None:
             try:
-                got, tensor = next(reader)
-                shape = tuple(getattr(params[got], "ds_shape", params[got].shape)) if got in params else None
-                if got != name or shape != tuple(tensor.shape):
-                    error = f"{path}: tensor {got} does not belong to the {type(model).__name__} of its config.json"
+                tensor = read_tensor(Path(path), manifest, name)
+                shape = tuple(getattr(params[name], "ds_shape", params[name].shape)) if name in params else None
+                if shape != tuple(tensor.shape):
+                    error = f"{path}: tensor {name} does not belong to the {type(model).__name__} of its config.json"
             except ConfigError as err:
                 error = str(err)
         if zero3:

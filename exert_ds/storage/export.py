@@ -84,16 +84,12 @@ def export_expert(src: str | Path, out: str | Path, max_shard_size: str | int = 
     tmp.mkdir(parents=True)
     try:
         verify_files(expert, manifest)  # sha256 of every file before anything is read
-        tensors = assemble(expert, manifest, check=True)  # and every pruned row's zeros on the way
         bar = tqdm(total=len(specs), desc="export", unit="tensor")
-        for filename, names in split.filename_to_tensors.items():
+        for filename, names in split.filename_to_tensors.items():  # the planner's order, not the manifest's
             shard = SafetensorsStream(
                 tmp / filename, [(n, *specs[n]) for n in names], metadata={"format": "pt"}, digest=False
             )
-            for name in names:
-                got, tensor = next(tensors)
-                if got != name:
-                    raise RuntimeError(f"expert tensor order changed: {got} arrived where {name} was planned")
+            for name, tensor in assemble(expert, manifest, check=True, names=names):  # every pruned row's zeros
                 shard.write(name, tensor)
                 del tensor
                 bar.update(1)
