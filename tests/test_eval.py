@@ -286,6 +286,32 @@ def test_damaged_expert_is_one_line(setup, tmp_path, capsys):
     assert len(errors) == 1 and errors[0].endswith("the expert is damaged, write it again") and shard.name in errors[0]
 
 
+@pytest.mark.parametrize("damage", ["config.json", "expert_manifest.json"])
+def test_expert_missing_config_or_damaged_manifest_is_exports_one_line(setup, tmp_path, capsys, damage):
+    """Issue 21.9: an expert without config.json, or with a truncated manifest: `eval`, `export` and `inspect`
+    stop with the same one line naming the file."""
+    model_dir, data = setup
+    _, expert_dir = pruned_model_and_expert(model_dir, tmp_path)
+    file = expert_dir / damage
+    if damage == "config.json":
+        file.unlink()
+    else:
+        file.write_text(file.read_text()[:100])
+    capsys.readouterr()
+    lines = []
+    for args in (
+        ["export", "--ckpt", str(expert_dir), "--out", str(tmp_path / "hf")],
+        ["eval", "--model", str(expert_dir), "--tasks", "cuad", "--data-dir", str(data), "--out", str(tmp_path / "r")],
+        ["inspect", str(expert_dir)],
+    ):
+        assert main(args) in (1, 2)
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("exert-ds: error: ")]
+        assert len(errors) == 1 and str(file) in errors[0], errors
+        lines.append(errors[0])
+    assert lines[0] == lines[1] == lines[2] and "damaged" in lines[0]
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "r").exists()
+
+
 @pytest.mark.distributed
 def test_two_zero3_ranks_on_the_expert_equal_one_process(setup, tmp_path):
     """2 ranks, ZeRO-3 inference, the sparse expert loaded into partitions tensor by tensor, against one process

@@ -45,28 +45,32 @@ def load_expert_model(
 ) -> tuple[PreTrainedModel, HfDeepSpeedConfig | None, float | None]:
     """(model, the HfDeepSpeedConfig to keep alive, promised sparsity) of the expert directory cfg.name_or_path."""
     path = cfg.name_or_path
+    zero3 = ds_config is not None
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    reads = rank == 0 or not zero3
+    error = None
+    if reads:
+        try:  # the manifest and every file's sha256 (config.json included) before anything is read
+            verify_files(path, read_manifest(path))
+        except ConfigError as err:
+            error = str(err)
+    if zero3:
+        error = _broadcast(error)
+    if error:
+        raise ConfigError(error)
     manifest = read_manifest(path)
     keep_alive = HfDeepSpeedConfig(ds_config) if ds_config is not None else None
     config = AutoConfig.from_pretrained(path)
     if cfg.attn_implementation:
         config._attn_implementation = cfg.attn_implementation
-    zero3 = ds_config is not None
     init = deepspeed.zero.Init(config_dict_or_path=ds_config) if zero3 else contextlib.nullcontext()
     with init:
         model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, cfg.dtype))
     params = dict(model.named_parameters())
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    reads = rank == 0 or not zero3
-    error = None
-    if reads:
-        try:
-            verify_files(path, manifest)  # every file's sha256 before anything is read
-        except ConfigError as err:
-            error = str(err)
     loaded = set()
     for name in manifest["tensors"]:
         tensor = None
-        if reads and error is None:
+        if reads:
             try:
                 tensor = read_tensor(Path(path), manifest, name)
                 shape = tuple(getattr(params[name], "ds_shape", params[name].shape)) if name in params else None
