@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -68,3 +72,17 @@ def run_yaml(tmp: Path, **sections) -> Path:
     path = tmp / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+@contextlib.contextmanager
+def small_tmpfs(folder: Path, size: str = "1400k", read_only: bool = False) -> Iterator[Path]:
+    """`folder` as a tmpfs of `size` (read-only if asked) while inside; skips the test where mounting is refused."""
+    folder.mkdir(parents=True, exist_ok=True)
+    options = f"size={size}" + (",ro" if read_only else "")
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True)
+    if mount.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)

@@ -18,7 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from exert_ds.storage.checkpoint import pack_sparse, unpack_sparse
-from tests.fixtures import run_yaml
+from tests.fixtures import run_yaml, small_tmpfs
 from tests.launch import REPO, cpu_env, deepspeed_cpu, free_port
 
 
@@ -425,14 +425,9 @@ def test_damaged_latest_resumes_the_newest_complete_checkpoint(checkpointed, tmp
 
 @pytest.fixture
 def small_filesystem(tmp_path):
-    """A 1,400 KB tmpfs (room for about three checkpoints of the tiny model); needs the right to mount."""
-    folder = tmp_path / "small"
-    folder.mkdir()
-    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1400k", "tmpfs", str(folder)], capture_output=True)
-    if mount.returncode:
-        pytest.skip(f"cannot mount a small tmpfs here: {mount.stderr.decode().strip()}")
-    yield folder
-    subprocess.run(["umount", str(folder)], check=True)
+    """A 1,400 KB tmpfs: room for about three checkpoints of the tiny model."""
+    with small_tmpfs(tmp_path / "small") as folder:
+        yield folder
 
 
 @pytest.mark.distributed

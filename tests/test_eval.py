@@ -21,6 +21,7 @@ from exert_ds.evaluation.sparsity import check_promise, sparsity_report
 from exert_ds.evaluation.tasks import TASKS, licensedcode_records, load_task
 from exert_ds.storage.expert import write_expert
 from tests.eval_data import prune_rows_by_magnitude, save_eval_model_dir, write_task_data
+from tests.fixtures import small_tmpfs
 from tests.launch import deepspeed_cpu
 
 ALL_TASKS = "pubmedqa,cuad,medquad_qtype,license_category"
@@ -310,6 +311,14 @@ def test_expert_missing_config_or_damaged_manifest_is_exports_one_line(setup, tm
         lines.append(errors[0])
     assert lines[0] == lines[1] == lines[2] and "damaged" in lines[0]
     assert not (tmp_path / "hf").exists() and not (tmp_path / "r").exists()
+
+
+def test_results_on_a_read_only_file_system_are_one_line(setup, tmp_path, capsys):
+    model_dir, data = setup
+    with small_tmpfs(tmp_path / "ro", read_only=True) as ro:
+        assert main(eval_args(model_dir, data, ro / "r.json")) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith(f"exert-ds: error: cannot write {ro / 'r.json'}: Read-only file system (EROFS)"), err
 
 
 @pytest.mark.distributed

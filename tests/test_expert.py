@@ -29,7 +29,7 @@ from exert_ds.storage.expert import (
 )
 from exert_ds.storage.export import export_expert
 from exert_ds.storage.safetensors_stream import SafetensorsStream
-from tests.fixtures import run_yaml, save_tokenizer
+from tests.fixtures import run_yaml, save_tokenizer, small_tmpfs
 from tests.launch import deepspeed_cpu
 from tests.tiny_models import tiny_model
 
@@ -157,6 +157,29 @@ def test_shard_limit_below_the_largest_tensor_shards_as_save_pretrained(tmp_path
     small = {k: v for f in files for k, v in f.items()}
     want = {k: v for p in big.glob("model*.safetensors") for k, v in load_file(p).items()}
     assert small.keys() == want.keys() and all(torch.equal(small[k], want[k]) for k in want)
+
+
+def test_refused_writes_are_one_line_naming_the_path(tmp_path):
+    """Issue 21.4's kind: the expert, the export and TensorBoard on a read-only file system, and an
+    export onto a full one, stop with one WriteError naming the path and the OS error, and leave nothing."""
+    from exert_ds.storage.atomic import WriteError
+    from exert_ds.train.trainer import Logger
+
+    model, tokenizer = pruned_tiny(tmp_path)
+    expert = write_expert(model, tokenizer, tmp_path / "expert", sparsity=0.5)
+    with small_tmpfs(tmp_path / "ro", read_only=True) as ro:
+        with pytest.raises(WriteError, match=rf"cannot write {ro}/\.expert\.tmp: Read-only file system \(EROFS\)"):
+            write_expert(model, tokenizer, ro / "expert", sparsity=0.5)
+        with pytest.raises(WriteError, match=rf"cannot write {ro}/\.hf\.tmp: Read-only file system \(EROFS\)"):
+            export_expert(expert, ro / "hf")
+        logger = Logger(ro, rank=0)
+        with pytest.raises(WriteError, match=rf"cannot write {ro}/tensorboard: Read-only file system"):
+            logger.shared.share()
+        assert not list(ro.iterdir())
+    with small_tmpfs(tmp_path / "full", size="24k") as full:
+        with pytest.raises(WriteError, match=rf"cannot write {full}/\.hf\.tmp/model.safetensors: No space left"):
+            export_expert(expert, full / "hf")
+        assert not list(full.iterdir())
 
 
 def test_pruned_storage_at_half_sparsity_is_below_056_of_dense_bf16(tmp_path):

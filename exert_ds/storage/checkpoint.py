@@ -17,6 +17,7 @@ import os
 import random
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -39,7 +40,16 @@ from exert_ds.model.lora import block_lora_layers, lora_parts
 from exert_ds.runtime.shard import all_shard_ranges
 from exert_ds.runtime.zero3 import local_range, local_values, write_partition
 from exert_ds.storage import sparse_codec
-from exert_ds.storage.atomic import SharedWrite, fsync_path, publish, sha256_file, torch_save, write_errors
+from exert_ds.storage.atomic import (
+    SharedWrite,
+    WriteError,
+    fsync_path,
+    publish,
+    sha256_file,
+    torch_save,
+    write_error,
+    write_errors,
+)
 from exert_ds.storage.base_model import base_model_difference
 
 MANIFEST = "manifest.json"
@@ -254,23 +264,38 @@ def save_checkpoint(
 
 
 class _recorded_engine_saves:
-    """While DeepSpeed writes its engine checkpoint, its checkpoint engine's `save` goes through
-    atomic.torch_save and a refused write is recorded in `shared` instead of raised: DeepSpeed then still reaches
-    its closing barrier on this rank, and `shared.share()` raises the error on every rank afterwards."""
+    """While DeepSpeed writes its engine checkpoint, every write it makes (its checkpoint engine's `makedirs` and
+    `save`, which goes through atomic.torch_save, and the copy of its recovery scripts) records a failure in `shared`
+    instead of raising it: DeepSpeed then still reaches its closing barrier on this rank, and `shared.share()`
+    raises the error on every rank afterwards. Any OSError counts here: the writes go into our own new folder."""
 
     def __init__(self, engine, shared: SharedWrite) -> None:
-        self.checkpoint_engine, self.shared = engine.checkpoint_engine, shared
+        self.engine, self.shared = engine, shared
+        self.checkpoint_engine = engine.checkpoint_engine
+
+    def _recorded(self, write: Callable[..., None]) -> Callable[..., None]:
+        def call(path: str, *args, **kwargs) -> None:
+            if self.shared.error is not None:  # after a refused write the next would fail alike
+                return
+            try:
+                write(path, *args, **kwargs)
+            except WriteError as err:
+                self.shared.error = err
+            except OSError as err:
+                self.shared.error = write_error(path, err)
+
+        return call
 
     def __enter__(self) -> None:
-        def save(state_dict, path: str) -> None:
-            if self.shared.error is None:  # after a refused write the next would fail alike
-                with self.shared.catch():
-                    torch_save(state_dict, path)
-
-        self.checkpoint_engine.save = save
+        save = self._recorded(lambda path, state_dict: torch_save(state_dict, path))
+        self.checkpoint_engine.save = lambda state_dict, path: save(path, state_dict)
+        self.checkpoint_engine.makedirs = self._recorded(os.makedirs)
+        self.engine._copy_recovery_script = self._recorded(self.engine._copy_recovery_script)
 
     def __exit__(self, *exc) -> None:
-        del self.checkpoint_engine.save  # the class's own method again
+        for owner, name in ((self.checkpoint_engine, "save"), (self.checkpoint_engine, "makedirs")):
+            del owner.__dict__[name]  # the class's own method again
+        del self.engine.__dict__["_copy_recovery_script"]
 
 
 def _manifest_digest(manifest: dict) -> str:
