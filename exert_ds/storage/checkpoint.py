@@ -4,7 +4,7 @@ A checkpoint directory holds DeepSpeed's own engine checkpoint for the trainable
 scheduler; frozen parameters excluded), one file per rank with that rank's partition of every pruned base
 weight stored sparse (packed bitmask of non-zeros + their values), its EMA score partitions, RNG states and its
 slice of the LoRA fp32 masters and Adam moments, and a manifest (world size, batch sizes, ranges, shapes, dtypes,
-position, config fingerprint, sha256 of every file). It is written to a hidden temporary directory, fsynced and
+position, config fingerprint, base-model fingerprint (base_model.py), sha256 of every file, and its own sha256). It is written to a hidden temporary directory, fsynced and
 renamed; `latest` is replaced last; the last K kept. At the writing world size a load restores every byte through
 DeepSpeed; at another one each rank re-cuts the per-rank files through the manifest's ranges (`_load_recut`).
 """
