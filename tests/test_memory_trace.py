@@ -24,10 +24,7 @@ def entry(action: str, addr: int, size: int, frames=None) -> dict:
 
 def test_allocation_site_names_the_innermost_frame_and_our_code_that_led_to_it():
     assert allocation_site(HESSIAN) == "exert_ds/prune/calibration.py:98 gram"
-    assert (
-        allocation_site(PBS)
-        == "torch/functional.py:5 solve <- exert_ds/prune/pbs.py:90 partial_brain_surgeon_with_errors"
-    )
+    assert allocation_site(PBS) == "torch/functional.py:5 solve <- exert_ds/prune/pbs.py:90 partial_brain_surgeon_with_errors"
     assert allocation_site([]) == "(no Python frame)"
 
 
