@@ -29,7 +29,7 @@ from exert_ds.storage.expert import (
 )
 from exert_ds.storage.export import export_expert
 from exert_ds.storage.safetensors_stream import SafetensorsStream
-from tests.fixtures import run_yaml, save_tokenizer, small_tmpfs
+from tests.fixtures import READ_ONLY, run_yaml, save_tokenizer, small_tmpfs
 from tests.launch import deepspeed_cpu
 from tests.tiny_models import tiny_model
 
@@ -168,12 +168,12 @@ def test_refused_writes_are_one_line_naming_the_path(tmp_path):
     model, tokenizer = pruned_tiny(tmp_path)
     expert = write_expert(model, tokenizer, tmp_path / "expert", sparsity=0.5)
     with small_tmpfs(tmp_path / "ro", read_only=True) as ro:
-        with pytest.raises(WriteError, match=rf"cannot write {ro}/\.expert\.tmp: Read-only file system \(EROFS\)"):
+        with pytest.raises(WriteError, match=rf"cannot write {ro}/\.expert\.tmp: {READ_ONLY}"):
             write_expert(model, tokenizer, ro / "expert", sparsity=0.5)
-        with pytest.raises(WriteError, match=rf"cannot write {ro}/\.hf\.tmp: Read-only file system \(EROFS\)"):
+        with pytest.raises(WriteError, match=rf"cannot write {ro}/\.hf\.tmp: {READ_ONLY}"):
             export_expert(expert, ro / "hf")
         logger = Logger(ro, rank=0)
-        with pytest.raises(WriteError, match=rf"cannot write {ro}/tensorboard: Read-only file system"):
+        with pytest.raises(WriteError, match=rf"cannot write {ro}/tensorboard: {READ_ONLY}"):
             logger.shared.share()
         assert not list(ro.iterdir())
     with small_tmpfs(tmp_path / "full", size="24k") as full:
