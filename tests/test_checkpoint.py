@@ -321,6 +321,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.distributed  # its fixture is a 2-rank run
 def test_damaged_manifest_and_latest_are_named_and_latest_falls_back(checkpointed, tmp_path, capsys):
     """A truncated or altered manifest is 'damaged' with its path (resume and inspect); a damaged `latest` makes
     `--resume auto` take the newest complete checkpoint and say so."""
