@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import random
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -68,3 +73,28 @@ def run_yaml(tmp: Path, **sections) -> Path:
     path = tmp / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+READ_ONLY = r"(Read-only file system \(EROFS\)|Permission denied \(EACCES\))"  # what a read-only folder says
+
+
+@contextlib.contextmanager
+def small_tmpfs(folder: Path, size: str = "1400k", read_only: bool = False) -> Iterator[Path]:
+    """`folder` as a tmpfs of `size` (read-only if asked) while inside. Where mounting is refused (not root), a
+    read-only folder is a folder without write permission (EACCES instead of EROFS); a small one skips the test."""
+    folder.mkdir(parents=True, exist_ok=True)
+    options = f"size={size}" + (",ro" if read_only else "")
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True)
+    if mount.returncode:
+        if not read_only or os.geteuid() == 0:
+            pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.decode().strip()}")
+        folder.chmod(0o555)
+        try:
+            yield folder
+        finally:
+            folder.chmod(0o755)
+        return
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)

@@ -1,6 +1,7 @@
 """Sharded sparse checkpoints: bit-identical resume from any checkpoint and after kill -9, integrity (zero3.md)."""
 
 import contextlib
+import hashlib
 import json
 import os
 import random
@@ -14,9 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from exert_ds.storage.checkpoint import pack_sparse, unpack_sparse
-from tests.fixtures import run_yaml
+from tests.fixtures import run_yaml, small_tmpfs
 from tests.launch import REPO, cpu_env, deepspeed_cpu, free_port
 
 
@@ -282,3 +284,203 @@ def test_replayed_adam_step_counter_makes_cpu_adam_resume_bit_identical():
             outcomes[t, replay] = torch.equal(resumed.detach(), param.detach())
     assert all(outcomes[t, True] for t in range(1, len(grads)))
     assert not all(outcomes[t, False] for t in range(1, len(grads)))  # the bug is real without the replay
+
+
+# Issue 21.4, 21.6, 21.9: base weights, damaged files outside the rank files, refused writes.
+
+WORKER = str(REPO / "tests" / "workers" / "train_errors.py")
+
+
+@pytest.fixture(scope="module")
+def checkpointed(tmp_path_factory):
+    """One 2-rank run of 2 steps, a checkpoint after every step and event, kept pristine; every test restores its
+    model and run folders in place (the config fingerprint holds their paths) with `fresh_run`."""
+    tmp = tmp_path_factory.mktemp("checkpointed")
+    config = run_yaml(tmp, prune={"sparsity": 0.5, "every_steps": 2}, train={"max_steps": 2, "save_every_steps": 1})
+    deepspeed_cpu(train_args(config), ranks=2)
+    names = sorted(p.name for p in (tmp / "run" / "checkpoints").glob("step-*"))
+    assert names == ["step-00000002-event-000", "step-00000002-event-001"]  # keep_checkpoints 2
+    for name in ("model", "run"):
+        shutil.copytree(tmp / name, tmp / "pristine" / name)
+    return config
+
+
+def fresh_run(config: Path) -> Path:
+    """The reference run's model and run folders as it left them; returns its checkpoints folder."""
+    for name in ("model", "run"):
+        shutil.rmtree(config.parent / name)
+        shutil.copytree(config.parent / "pristine" / name, config.parent / name)
+    return config.parent / "run" / "checkpoints"
+
+
+def rank_errors(out: Path, ranks: int = 2) -> list[str]:
+    return [(out / f"error-rank{rank}.txt").read_text() for rank in range(ranks)]
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.distributed  # its fixture is a 2-rank run
+def test_damaged_manifest_and_latest_are_named_and_latest_falls_back(checkpointed, tmp_path, capsys):
+    """A truncated or altered manifest is 'damaged' with its path (resume and inspect); a damaged `latest` makes
+    `--resume auto` take the newest complete checkpoint and say so."""
+    from exert_ds.cli import main
+    from exert_ds.config import load_config
+    from exert_ds.errors import ConfigError
+    from exert_ds.storage.base_model import base_model_fingerprint
+    from exert_ds.storage.checkpoint import resolve_resume
+
+    config, root = checkpointed, fresh_run(checkpointed)
+    cfg = load_config(config)
+    fingerprint, base = cfg.fingerprint(), base_model_fingerprint(cfg.model)
+    newest, older = root / "step-00000002-event-001", root / "step-00000002-event-000"
+    assert resolve_resume(root, "auto", fingerprint, base) == newest
+    manifest = newest / "manifest.json"
+    text = manifest.read_text()
+    manifest.write_text(text[: len(text) // 2])  # truncated
+    with pytest.raises(ConfigError, match=rf"--resume auto: {manifest} is damaged \(not valid JSON"):
+        resolve_resume(root, "auto", fingerprint, base)
+    capsys.readouterr()
+    assert main(["inspect", str(newest)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"exert-ds: error: {manifest} is damaged (not valid JSON") and "\n" not in err
+    altered = json.loads(text)
+    altered["position"]["step"] = 1  # still valid JSON: found by the manifest's own sha256
+    manifest.write_text(json.dumps(altered))
+    with pytest.raises(ConfigError, match=rf"{manifest} is damaged \(altered"):
+        resolve_resume(root, str(newest), fingerprint, base)
+    manifest.write_text(text)
+
+    (root / "latest").write_bytes(b"\xe9\x00garbage")
+    assert resolve_resume(root, "auto", fingerprint, base) == newest
+    warning = capsys.readouterr().err
+    assert f"{root / 'latest'} is damaged" in warning and f"newest complete checkpoint, {newest}" in warning
+    assert main(["inspect", str(root)]) == 2
+    assert f"the newest complete checkpoint is {newest}" in capsys.readouterr().err
+    shutil.rmtree(newest)
+    (root / "latest").write_text(newest.name)  # names a checkpoint that is gone
+    assert resolve_resume(root, "auto", fingerprint, base) == older
+    assert f"newest complete checkpoint, {older}" in capsys.readouterr().err
+    shutil.rmtree(older)
+    with pytest.raises(ConfigError, match="holds no complete checkpoint"):
+        resolve_resume(root, "auto", fingerprint, base)
+
+
+@pytest.mark.distributed
+def test_resume_onto_other_base_weights_is_refused_on_every_rank(checkpointed, tmp_path):
+    """Model B (same config, other weights) at model.name_or_path: one line on every rank, nothing written. The
+    expert records the fingerprint of the files it was trained from."""
+    from exert_ds.config import load_config
+    from exert_ds.storage.base_model import base_model_fingerprint
+    from tests.tiny_models import tiny_model
+
+    config, run = checkpointed, fresh_run(checkpointed).parent
+    model = config.parent / "model"
+    cfg = load_config(config)
+    expert = json.loads((run / "expert" / "expert_manifest.json").read_text())
+    assert expert["base_model"] == base_model_fingerprint(cfg.model)
+    model_a = AutoModelForCausalLM.from_pretrained(model)
+    tiny_model("llama-odd", layers=2, vocab=model_a.config.vocab_size, seed=1).save_pretrained(model)
+    assert AutoModelForCausalLM.from_pretrained(model).config.to_dict() == model_a.config.to_dict()
+    before = snapshot(run)
+    deepspeed_cpu([WORKER, "--config", str(config), "--out", str(tmp_path), "--resume", "auto"], ranks=2)
+    errors = rank_errors(tmp_path)
+    assert errors[0] == errors[1], errors
+    assert errors[0].startswith(f"ConfigError: --resume auto: the base weights at {model} differ from"), errors
+    assert "model.safetensors has another sha256" in errors[0]
+    assert snapshot(run) == before
+
+
+@pytest.mark.distributed
+def test_deleted_engine_file_is_named_on_every_rank(checkpointed, tmp_path):
+    config, root = checkpointed, fresh_run(checkpointed)
+    engine_file = root / "step-00000002-event-001" / "engine" / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    engine_file.unlink()
+    before = snapshot(root)
+    deepspeed_cpu([WORKER, "--config", str(config), "--out", str(tmp_path), "--resume", "auto"], ranks=2)
+    errors = rank_errors(tmp_path)
+    assert (
+        errors[0] == errors[1] == f"ConfigError: {engine_file} is missing, truncated or altered (sha256 differs "
+        "from the manifest)"
+    ), errors
+    assert snapshot(root) == before
+
+
+@pytest.mark.distributed
+def test_damaged_latest_resumes_the_newest_complete_checkpoint(checkpointed, tmp_path):
+    """`latest` names a checkpoint that is gone: the run resumes from the newest complete one, says so, and ends
+    with the uninterrupted run's final checkpoint."""
+    config, root = checkpointed, fresh_run(checkpointed)
+    final = root / "step-00000002-event-001"
+    reference = tmp_path / "reference"
+    shutil.copytree(final, reference)
+    shutil.rmtree(final)
+    (root / "latest").write_text("step-00000009-event-009")
+    proc = deepspeed_cpu(train_args(config, "--resume", "auto"), ranks=2)
+    assert f"newest complete checkpoint, {root / 'step-00000002-event-000'}" in proc.stderr + proc.stdout
+    assert (root / "latest").read_text() == final.name
+    a, b = checkpoint_tensors(reference), checkpoint_tensors(final)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A 1,400 KB tmpfs: room for about three checkpoints of the tiny model."""
+    with small_tmpfs(tmp_path / "small") as folder:
+        yield folder
+
+
+@pytest.mark.distributed
+def test_full_disk_during_a_checkpoint_is_one_line_on_every_rank(small_filesystem, tmp_path):
+    """output_dir on a full file system: both ranks stop with the same line naming the file being written and
+    'No space left on device'; `latest` names the last complete checkpoint, which is intact; no partial folder."""
+    from exert_ds.storage.inspection import describe
+
+    config = run_yaml(
+        tmp_path,
+        prune={"sparsity": 0.5, "every_steps": 2},
+        train={"max_steps": 4, "save_every_steps": 1, "keep_checkpoints": 9, "output_dir": str(small_filesystem)},
+    )
+    deepspeed_cpu([WORKER, "--config", str(config), "--out", str(tmp_path)], ranks=2)
+    errors = rank_errors(tmp_path)
+    assert errors[0] == errors[1], errors
+    assert errors[0].startswith(f"ConfigError: cannot write {small_filesystem}/"), errors
+    assert "No space left on device (ENOSPC)" in errors[0] and "\n" not in errors[0]
+    root = small_filesystem / "checkpoints"
+    complete = sorted(p.name for p in root.glob("step-*"))
+    assert complete and (root / "latest").read_text() == complete[-1]
+    assert not list(root.glob(".*.tmp"))
+    _, problem = describe(root)
+    assert problem is None
+
+
+def test_base_model_fingerprint_samples_large_files(tmp_path, monkeypatch):
+    """Small files are hashed whole; a large one by size, head, tail and evenly spaced blocks: a changed byte in
+    any of them or another size is found, a byte between the samples is not (the documented price)."""
+    from exert_ds.storage import base_model
+
+    monkeypatch.setattr(base_model, "FULL_HASH_LIMIT", 1 << 20)
+    monkeypatch.setattr(base_model, "EDGE", 4096)
+    monkeypatch.setattr(base_model, "BLOCK", 1024)
+    monkeypatch.setattr(base_model, "SAMPLES", 8)
+    data = bytearray(random.Random(0).randbytes(3 << 20))
+    file = tmp_path / "model.safetensors"
+
+    def fingerprint(content: bytes) -> dict:
+        file.write_bytes(content)
+        return base_model.file_fingerprint(file)
+
+    reference = fingerprint(bytes(data))
+    gap = (len(data) - 2 * 4096 - 1024) / 7
+    for at in (10, len(data) - 10, 4096 + round(3 * gap) + 5):  # head, tail, inside sampled block 3
+        changed = bytearray(data)
+        changed[at] ^= 1
+        assert fingerprint(bytes(changed)) != reference, at
+    assert fingerprint(bytes(data[:-1]))["size"] != reference["size"]
+    between = bytearray(data)
+    between[4096 + round(gap / 2)] ^= 1
+    assert fingerprint(bytes(between)) == reference
+    small = tmp_path / "config.json"
+    small.write_text("{}")
+    assert base_model.file_fingerprint(small)["sha256"] == hashlib.sha256(b"{}").hexdigest()

@@ -5,6 +5,7 @@ bad input as one line, and 2 ZeRO-3 ranks against one process."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import datasets
@@ -21,6 +22,7 @@ from exert_ds.evaluation.sparsity import check_promise, sparsity_report
 from exert_ds.evaluation.tasks import TASKS, licensedcode_records, load_task
 from exert_ds.storage.expert import write_expert
 from tests.eval_data import prune_rows_by_magnitude, save_eval_model_dir, write_task_data
+from tests.fixtures import READ_ONLY, small_tmpfs
 from tests.launch import deepspeed_cpu
 
 ALL_TASKS = "pubmedqa,cuad,medquad_qtype,license_category"
@@ -285,6 +287,40 @@ def test_damaged_expert_is_one_line(setup, tmp_path, capsys):
     assert main(args) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "exert-ds: error: " in line]
     assert len(errors) == 1 and errors[0].endswith("the expert is damaged, write it again") and shard.name in errors[0]
+
+
+@pytest.mark.parametrize("damage", ["config.json", "expert_manifest.json"])
+def test_expert_missing_config_or_damaged_manifest_is_exports_one_line(setup, tmp_path, capsys, damage):
+    """Issue 21.9: an expert without config.json, or with a truncated manifest: `eval`, `export` and `inspect`
+    stop with the same one line naming the file."""
+    model_dir, data = setup
+    _, expert_dir = pruned_model_and_expert(model_dir, tmp_path)
+    file = expert_dir / damage
+    if damage == "config.json":
+        file.unlink()
+    else:
+        file.write_text(file.read_text()[:100])
+    capsys.readouterr()
+    lines = []
+    for args in (
+        ["export", "--ckpt", str(expert_dir), "--out", str(tmp_path / "hf")],
+        ["eval", "--model", str(expert_dir), "--tasks", "cuad", "--data-dir", str(data), "--out", str(tmp_path / "r")],
+        ["inspect", str(expert_dir)],
+    ):
+        assert main(args) in (1, 2)
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("exert-ds: error: ")]
+        assert len(errors) == 1 and str(file) in errors[0], errors
+        lines.append(errors[0])
+    assert lines[0] == lines[1] == lines[2] and "damaged" in lines[0]
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "r").exists()
+
+
+def test_results_on_a_read_only_file_system_are_one_line(setup, tmp_path, capsys):
+    model_dir, data = setup
+    with small_tmpfs(tmp_path / "ro", read_only=True) as ro:
+        assert main(eval_args(model_dir, data, ro / "r.json")) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert re.match(rf"exert-ds: error: cannot write {ro / 'r.json'}: {READ_ONLY}", err), err
 
 
 @pytest.mark.distributed

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from exert_ds.cli import main
 from exert_ds.errors import ConfigError
@@ -29,7 +29,7 @@ from exert_ds.storage.expert import (
 )
 from exert_ds.storage.export import export_expert
 from exert_ds.storage.safetensors_stream import SafetensorsStream
-from tests.fixtures import run_yaml, save_tokenizer
+from tests.fixtures import READ_ONLY, run_yaml, save_tokenizer, small_tmpfs
 from tests.launch import deepspeed_cpu
 from tests.tiny_models import tiny_model
 
@@ -130,6 +130,56 @@ def test_expert_round_trip_export_and_stock_loading(tmp_path):
     (tmp_path / "a_file").write_text("")
     with pytest.raises(ConfigError, match="is not a directory"):
         export_expert(expert, tmp_path / "a_file", overwrite=True)
+
+
+def test_shard_limit_below_the_largest_tensor_shards_as_save_pretrained(tmp_path):
+    """Issue 21.3: a --max-shard-size below the largest tensor puts each oversized tensor in a shard of its own
+    (the planner reorders the tensors); the shards and index are save_pretrained's for the same limit and the
+    weights equal a 100KB-shard export's."""
+    model, tokenizer = pruned_tiny(tmp_path)
+    expert = write_expert(model, tokenizer, tmp_path / "expert", sparsity=0.5)
+    manifest = json.loads((expert / MANIFEST).read_text())
+    largest = max(math.prod(e["shape"]) * 4 for e in manifest["tensors"].values())
+    assert largest > 6000
+    assert main(["export", "--ckpt", str(expert), "--out", str(tmp_path / "small"), "--max-shard-size", "6KB"]) == 0
+    big = export_expert(expert, tmp_path / "big", max_shard_size="100KB")
+    # built from the config, not by from_pretrained: transformers 5 sorts a loaded model's names before sharding
+    stock = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(big))
+    stock.load_state_dict({k: v for p in big.glob("model*.safetensors") for k, v in load_file(p).items()})
+    stock.save_pretrained(tmp_path / "stock", max_shard_size="6KB")
+    index = json.loads((tmp_path / "small" / "model.safetensors.index.json").read_text())
+    stock_index = json.loads((tmp_path / "stock" / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == stock_index["weight_map"]
+    shards = sorted(p.name for p in (tmp_path / "small").glob("model-*.safetensors"))
+    assert shards == sorted(p.name for p in (tmp_path / "stock").glob("model-*.safetensors"))
+    files = [load_file(tmp_path / "small" / s) for s in shards]
+    assert any(len(f) == 1 and sum(t.numel() * 4 for t in f.values()) > 6000 for f in files)
+    small = {k: v for f in files for k, v in f.items()}
+    want = {k: v for p in big.glob("model*.safetensors") for k, v in load_file(p).items()}
+    assert small.keys() == want.keys() and all(torch.equal(small[k], want[k]) for k in want)
+
+
+def test_refused_writes_are_one_line_naming_the_path(tmp_path):
+    """Issue 21.4's kind: the expert, the export and TensorBoard on a read-only file system, and an
+    export onto a full one, stop with one WriteError naming the path and the OS error, and leave nothing."""
+    from exert_ds.storage.atomic import WriteError
+    from exert_ds.train.trainer import Logger
+
+    model, tokenizer = pruned_tiny(tmp_path)
+    expert = write_expert(model, tokenizer, tmp_path / "expert", sparsity=0.5)
+    with small_tmpfs(tmp_path / "ro", read_only=True) as ro:
+        with pytest.raises(WriteError, match=rf"cannot write {ro}/\.expert\.tmp: {READ_ONLY}"):
+            write_expert(model, tokenizer, ro / "expert", sparsity=0.5)
+        with pytest.raises(WriteError, match=rf"cannot write {ro}/\.hf\.tmp: {READ_ONLY}"):
+            export_expert(expert, ro / "hf")
+        logger = Logger(ro, rank=0)
+        with pytest.raises(WriteError, match=rf"cannot write {ro}/tensorboard: {READ_ONLY}"):
+            logger.shared.share()
+        assert not list(ro.iterdir())
+    with small_tmpfs(tmp_path / "full", size="24k") as full:
+        with pytest.raises(WriteError, match=rf"cannot write {full}/\.hf\.tmp/model.safetensors: No space left"):
+            export_expert(expert, full / "hf")
+        assert not list(full.iterdir())
 
 
 def test_pruned_storage_at_half_sparsity_is_below_056_of_dense_bf16(tmp_path):

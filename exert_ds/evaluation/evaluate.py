@@ -186,6 +186,7 @@ def run_eval(settings: EvalSettings) -> dict[str, Any]:
     from exert_ds.evaluation.perplexity import perplexity, text_windows
     from exert_ds.evaluation.scoring import build_sequences, label_loglikelihoods
     from exert_ds.evaluation.sparsity import check_promise, sparsity_report
+    from exert_ds.storage.atomic import SharedWrite, write_errors
 
     check_settings(settings)
     data_dir = resolve_data_dir(settings)
@@ -234,9 +235,12 @@ def run_eval(settings: EvalSettings) -> dict[str, Any]:
     if promised is not None:
         report["check"] = check_promise(report, promised, settings.sparsity_tolerance)
     results["sparsity"] = report
+    shared = SharedWrite()  # a refused write stops every rank with the same line
     if runtime.rank == 0:
-        Path(settings.out).write_text(json.dumps(results, indent=1))
-        runtime.log(f"wrote {settings.out}")
+        with shared.catch(), write_errors(settings.out):
+            Path(settings.out).write_text(json.dumps(results, indent=1))
+    shared.share()
+    runtime.log(f"wrote {settings.out}")
     runtime.close()
     return results
 

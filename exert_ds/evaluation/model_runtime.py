@@ -101,12 +101,13 @@ def open_model(cfg: ModelConfig, deepspeed_config: str | None) -> Runtime:
 
         datasets.disable_progress_bars()
     kind = model_kind(cfg.name_or_path)
-    tokenizer = load_tokenizer(cfg)
     keep: list[Any] = []
     promised = None
-    if kind == "expert":
+    if kind == "expert":  # its files (tokenizer's included) are checked before any is read
         model, keep_alive, promised = load_expert_model(cfg, ds)
+        tokenizer = load_tokenizer(cfg)
     else:
+        tokenizer = load_tokenizer(cfg)
         model, keep_alive = load_model(cfg, ds)
     keep.append(keep_alive)
     if ds is not None:

@@ -4,17 +4,20 @@ A checkpoint directory holds DeepSpeed's own engine checkpoint for the trainable
 scheduler; frozen parameters excluded), one file per rank with that rank's partition of every pruned base
 weight stored sparse (packed bitmask of non-zeros + their values), its EMA score partitions, RNG states and its
 slice of the LoRA fp32 masters and Adam moments, and a manifest (world size, batch sizes, ranges, shapes, dtypes,
-position, config fingerprint, sha256 of every file). It is written to a hidden temporary directory, fsynced and
+position, config fingerprint, base-model fingerprint (base_model.py), sha256 of every file, and its own sha256). It is written to a hidden temporary directory, fsynced and
 renamed; `latest` is replaced last; the last K kept. At the writing world size a load restores every byte through
 DeepSpeed; at another one each rank re-cuts the per-rank files through the manifest's ranges (`_load_recut`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import shutil
+import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -37,13 +40,25 @@ from exert_ds.model.lora import block_lora_layers, lora_parts
 from exert_ds.runtime.shard import all_shard_ranges
 from exert_ds.runtime.zero3 import local_range, local_values, write_partition
 from exert_ds.storage import sparse_codec
-from exert_ds.storage.atomic import fsync_path, publish, sha256_file
+from exert_ds.storage.atomic import (
+    SharedWrite,
+    WriteError,
+    fsync_path,
+    publish,
+    sha256_file,
+    torch_save,
+    write_error,
+    write_errors,
+)
+from exert_ds.storage.base_model import base_model_difference
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
 ENGINE_TAG = "engine"
 FORMAT_VERSION = 3
 MOMENTS = ("exp_avg", "exp_avg_sq")  # the Adam family's per-element state
+MANIFEST_DIGEST = "manifest_sha256"  # the manifest's own sha256 (of its other keys, canonical JSON)
+MANIFEST_KEYS = ("world_size", "micro_batch", "train_batch_size", "position", "params", "trainable", "files")
 
 
 @dataclass(frozen=True)
@@ -161,18 +176,30 @@ def _set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(
-    engine, ema: dict[str, Tensor], position: TrainPosition, root: Path, fingerprint: str, keep: int
+    engine,
+    ema: dict[str, Tensor],
+    position: TrainPosition,
+    root: Path,
+    fingerprint: str,
+    keep: int,
+    base_model: dict | None = None,
 ) -> Path:
-    """Collective: every rank writes its files; rank 0 writes the manifest, renames, updates `latest`."""
+    """Collective: every rank writes its files; rank 0 writes the manifest, renames, updates `latest`.
+    `base_model`: base_model.base_model_fingerprint of the model's files, checked on resume. A write the OS refuses
+    (full disk, quota, permissions) on any rank raises the same WriteError on every rank; the partial folder is
+    removed and `latest` still names the last complete checkpoint."""
     rank, world = dist.get_rank(), dist.get_world_size()
     name = f"step-{position.step:08d}-event-{position.events_done:03d}"
     final, tmp = root / name, root / f".{name}.tmp"
+    shared = SharedWrite(cleanup=(lambda: shutil.rmtree(tmp, ignore_errors=True)) if rank == 0 else None)
     if rank == 0:
         for partial in root.glob(".step-*.tmp"):  # left by a run killed while writing (only one run writes here)
             shutil.rmtree(partial, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, save_latest=False, exclude_frozen_parameters=True)
+        with shared.catch(), write_errors(tmp):
+            tmp.mkdir(parents=True)
+    shared.share()
+    with _recorded_engine_saves(engine, shared):
+        engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, save_latest=False, exclude_frozen_parameters=True)
     weights = pruned_base_weights(engine.module)
     base = {
         "weights": {n: pack_sparse(local_values(p)) for n, p in weights.items()},
@@ -181,13 +208,16 @@ def save_checkpoint(
         "trainable": _trainable_state(engine),
         "engine": _engine_scalars(engine),
     }
-    torch.save(base, tmp / _rank_file(rank))
-    dist.barrier()  # all files are written
+    with shared.catch():
+        torch_save(base, tmp / _rank_file(rank))
+    shared.share()  # all files are written
     mine = [tmp / _rank_file(rank), *_owned_engine_files(tmp, rank)]
     hashes = {}
-    for path in mine:
-        fsync_path(path)
-        hashes[str(path.relative_to(tmp))] = sha256_file(path)
+    with shared.catch():
+        for path in mine:
+            fsync_path(path)
+            hashes[str(path.relative_to(tmp))] = sha256_file(path)
+    shared.share()
     gathered: list[dict] = [None] * world
     dist.all_gather_object(gathered, hashes)
     if rank == 0:
@@ -198,6 +228,7 @@ def save_checkpoint(
             "train_batch_size": engine.train_batch_size(),
             "position": asdict(position),
             "config_fingerprint": fingerprint,
+            "base_model": base_model,
             "params": {
                 n: {
                     "shape": list(p.ds_shape),
@@ -215,42 +246,167 @@ def save_checkpoint(
             },
             "files": {k: v for part in gathered for k, v in part.items()},
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        publish(tmp, final)
-        latest_tmp = root / f".{LATEST}.tmp"
-        latest_tmp.write_text(name)
-        fsync_path(latest_tmp)
-        os.replace(latest_tmp, root / LATEST)
-        fsync_path(root)
-        for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
-            shutil.rmtree(old)
-    dist.barrier()
+        with shared.catch():
+            write_manifest(tmp, manifest)
+            publish(tmp, final)
+            latest_tmp = root / f".{LATEST}.tmp"
+            with write_errors(latest_tmp):
+                latest_tmp.write_text(name)
+            fsync_path(latest_tmp)
+            with write_errors(root / LATEST):
+                os.replace(latest_tmp, root / LATEST)
+            fsync_path(root)
+        if shared.error is None:
+            for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
+                shutil.rmtree(old)
+    shared.share()
     return final
 
 
-def resolve_resume(root: Path, resume: str, fingerprint: str) -> Path | None:
-    """`auto`: the checkpoint `latest` names, or None when there is none; otherwise a checkpoint directory.
-    Checks the manifest's format and config fingerprint here, before any process group starts."""
+class _recorded_engine_saves:
+    """While DeepSpeed writes its engine checkpoint, every write it makes (its checkpoint engine's `makedirs` and
+    `save`, which goes through atomic.torch_save, and the copy of its recovery scripts) records a failure in `shared`
+    instead of raising it: DeepSpeed then still reaches its closing barrier on this rank, and `shared.share()`
+    raises the error on every rank afterwards. Any OSError counts here: the writes go into our own new folder."""
+
+    def __init__(self, engine, shared: SharedWrite) -> None:
+        self.engine, self.shared = engine, shared
+        self.checkpoint_engine = engine.checkpoint_engine
+
+    def _recorded(self, write: Callable[..., None]) -> Callable[..., None]:
+        def call(path: str, *args, **kwargs) -> None:
+            if self.shared.error is not None:  # after a refused write the next would fail alike
+                return
+            try:
+                write(path, *args, **kwargs)
+            except WriteError as err:
+                self.shared.error = err
+            except OSError as err:
+                self.shared.error = write_error(path, err)
+
+        return call
+
+    def __enter__(self) -> None:
+        save = self._recorded(lambda path, state_dict: torch_save(state_dict, path))
+        self.checkpoint_engine.save = lambda state_dict, path: save(path, state_dict)
+        self.checkpoint_engine.makedirs = self._recorded(os.makedirs)
+        self.engine._copy_recovery_script = self._recorded(self.engine._copy_recovery_script)
+
+    def __exit__(self, *exc) -> None:
+        for owner, name in ((self.checkpoint_engine, "save"), (self.checkpoint_engine, "makedirs")):
+            del owner.__dict__[name]  # the class's own method again
+        del self.engine.__dict__["_copy_recovery_script"]
+
+
+def _manifest_digest(manifest: dict) -> str:
+    body = {k: v for k, v in manifest.items() if k != MANIFEST_DIGEST}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def write_manifest(folder: Path, manifest: dict) -> None:
+    """`folder/manifest.json` with its own sha256 in it, so that an altered manifest is found out too."""
+    with write_errors(folder / MANIFEST):
+        (folder / MANIFEST).write_text(json.dumps({**manifest, MANIFEST_DIGEST: _manifest_digest(manifest)}, indent=1))
+
+
+def read_manifest(path: Path) -> dict:
+    """The manifest of checkpoint `path`, or a ConfigError naming it when it is missing, cannot be parsed, lacks a
+    key or differs from its own recorded sha256 (truncated or altered)."""
+    file = path / MANIFEST
+    if not file.is_file():
+        raise ConfigError(f"{file} is missing; {path} is not a complete checkpoint")
+    damaged = f"{file} is damaged"
+    fix = "resume from another checkpoint (--resume DIR)"
+    try:
+        manifest = json.loads(file.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{damaged} (not valid JSON: {err}); {fix}") from err
+    if not isinstance(manifest, dict):
+        raise ConfigError(f"{damaged} (not a JSON object); {fix}")
+    if manifest.get("format") != FORMAT_VERSION:
+        raise ConfigError(f"{file} has format {manifest.get('format')}, this version reads {FORMAT_VERSION}")
+    missing = [key for key in MANIFEST_KEYS if key not in manifest]
+    if missing:
+        raise ConfigError(f"{damaged} (no {', '.join(missing)}); {fix}")
+    if MANIFEST_DIGEST in manifest and manifest[MANIFEST_DIGEST] != _manifest_digest(manifest):
+        raise ConfigError(f"{damaged} (altered: its content differs from the sha256 it records); {fix}")
+    return manifest
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """The checkpoints under `root` whose manifest is intact and whose files all exist, newest first (their
+    contents are checked against the sha256s when one is loaded)."""
+    found = []
+    for path in sorted((p for p in root.glob("step-*") if p.is_dir()), reverse=True):
+        try:
+            manifest = read_manifest(path)
+        except ConfigError:
+            continue
+        if all((path / rel).is_file() for rel in manifest["files"]):
+            found.append(path)
+    return found
+
+
+def _say(text: str) -> None:
+    if os.environ.get("RANK", "0") == "0":  # before any process group: the launcher's rank
+        print(f"exert-ds: {text}", file=sys.stderr, flush=True)
+
+
+def _auto_checkpoint(root: Path) -> Path | None:
+    """What `--resume auto` resumes: the checkpoint `latest` names; when `latest` is damaged or names no complete
+    checkpoint (or is missing beside complete ones), the newest complete checkpoint, said on stderr."""
+    latest = root / LATEST
+    complete = complete_checkpoints(root) if root.is_dir() else []
+    if not latest.is_file() and not complete:
+        return None
+    why = "is missing"
+    if latest.is_file():
+        try:
+            named = latest.read_text().strip()
+        except (OSError, UnicodeDecodeError):
+            named = ""
+        if named and "/" not in named and (root / named / MANIFEST).is_file():
+            return root / named  # its files are checked when it is read, and named if damaged
+        why = f"is damaged (it names {named[:80]!r}, not a checkpoint)"
+    if not complete:
+        raise ConfigError(
+            f"--resume auto: {latest} {why} and {root} holds no complete checkpoint; give --resume DIR or remove "
+            f"{root} to start afresh"
+        )
+    _say(f"warning: {latest} {why}; resuming from the newest complete checkpoint, {complete[0]}")
+    return complete[0]
+
+
+def resolve_resume(root: Path, resume: str, fingerprint: str, base_model: dict | None = None) -> Path | None:
+    """`auto`: the checkpoint `latest` names (or the newest complete one when `latest` is damaged), None when there
+    is none; otherwise a checkpoint directory. Checks the manifest (intact, format, config fingerprint, base model
+    files) here, before any process group starts."""
     if resume == "auto":
-        latest = root / LATEST
-        if not latest.is_file():
+        path = _auto_checkpoint(root)
+        if path is None:
             return None
-        path = root / latest.read_text().strip()
     else:
         path = Path(resume)
-    if not (path / MANIFEST).is_file():
-        raise ConfigError(f"--resume {resume}: no {MANIFEST} in {path}; give a checkpoint directory or 'auto'")
-    problem = _manifest_problem(path, json.loads((path / MANIFEST).read_text()), fingerprint)
+        if not (path / MANIFEST).is_file():
+            raise ConfigError(f"--resume {resume}: no {MANIFEST} in {path}; give a checkpoint directory or 'auto'")
+    try:
+        problem = _manifest_problem(path, read_manifest(path), fingerprint, base_model)
+    except ConfigError as err:
+        problem = str(err)
     if problem:
         raise ConfigError(f"--resume {resume}: {problem}")
     return path
 
 
-def _manifest_problem(path: Path, manifest: dict, fingerprint: str) -> str | None:
-    if manifest.get("format") != FORMAT_VERSION:
-        return f"{path / MANIFEST} has format {manifest.get('format')}, this version reads {FORMAT_VERSION}"
+def _manifest_problem(path: Path, manifest: dict, fingerprint: str, base_model: dict | None = None) -> str | None:
     if manifest.get("config_fingerprint") != fingerprint:
         return f"{path / MANIFEST} was written by another run (config differs); resume with the config that wrote it"
+    differs = base_model_difference(manifest.get("base_model"), base_model)
+    if differs:
+        return (
+            f"the base weights at {base_model['path']} differ from those {path} was written from ({differs}); "
+            "resume with the model files the run started from"
+        )
     return None
 
 
@@ -263,6 +419,16 @@ def _check_file(path: Path, rel: str, manifest: dict) -> str | None:
     return None
 
 
+def _engine_files(manifest: dict, rank: int) -> list[str]:
+    """The DeepSpeed files `rank` reads at the writing world size, from the manifest (not from the disk, so a
+    deleted one is found): its zero_pp_rank_R_* files; rank 0 also the shared ones."""
+    files = [rel for rel in manifest["files"] if rel.startswith(f"{ENGINE_TAG}/")]
+    mine = [rel for rel in files if f"zero_pp_rank_{rank}_" in rel]
+    if rank == 0:
+        mine += [rel for rel in files if "zero_pp_rank_" not in rel]
+    return mine
+
+
 def _old_ranks_needed(manifest: dict, model: nn.Module, world: int, rank: int) -> list[int]:
     """The writing ranks whose flat ranges overlap this rank's new range of any saved parameter."""
     needed = set()
@@ -273,9 +439,12 @@ def _old_ranks_needed(manifest: dict, model: nn.Module, world: int, rank: int) -
     return sorted(needed | {0})  # rank 0's file also holds the engine scalars and the RNG every rank takes
 
 
-def _verify(path: Path, manifest: dict, rank: int, world: int, fingerprint: str, model: nn.Module) -> str | None:
-    """None if the files this rank reads are intact and belong to this run, else a one-line reason."""
-    problem = _manifest_problem(path, manifest, fingerprint)
+def _verify(
+    path: Path, manifest: dict, rank: int, world: int, fingerprint: str, model: nn.Module, base_model: dict | None
+) -> str | None:
+    """None if every file this rank reads is intact and belongs to this run, else a one-line reason. Checked before
+    anything is read: the rank files and, at the writing world size, DeepSpeed's engine files."""
+    problem = _manifest_problem(path, manifest, fingerprint, base_model)
     if problem:
         return problem
     shapes = {n: list(p.ds_shape) for n, p in {**pruned_base_weights(model), **trainable_params(model)}.items()}
@@ -283,7 +452,9 @@ def _verify(path: Path, manifest: dict, rank: int, world: int, fingerprint: str,
     if saved != shapes:
         return f"{path / MANIFEST} lists other parameters or shapes than this model has (model or LoRA targets differ)"
     if manifest["world_size"] == world:
-        files = [_rank_file(rank), *(str(p.relative_to(path)) for p in _owned_engine_files(path, rank))]
+        files = [_rank_file(rank), *_engine_files(manifest, rank)]
+        if len(files) == 1:
+            return f"{path / MANIFEST} lists no DeepSpeed engine file of rank {rank}; the checkpoint is damaged"
     else:
         files = [_rank_file(r) for r in _old_ranks_needed(manifest, model, world, rank)]
     return next((problem for rel in files if (problem := _check_file(path, rel, manifest))), None)
@@ -339,19 +510,22 @@ def replay_adam_step_counter(optimizer: torch.optim.Optimizer) -> None:
         kernel(step)
 
 
-def load_checkpoint(engine, path: Path, fingerprint: str) -> tuple[TrainPosition, dict[str, Tensor]]:
+def load_checkpoint(
+    engine, path: Path, fingerprint: str, base_model: dict | None = None
+) -> tuple[TrainPosition, dict[str, Tensor]]:
     """Collective: verify, restore the trainable state, the sparse base partitions, RNG; returns the position
     and the EMA state. Every rank raises the same ConfigError if any rank's files are bad.
 
     At the writing world size DeepSpeed's engine checkpoint restores the trainable state byte for byte; at another
     one every per-rank file is re-cut through the manifest's ranges (`_load_recut`)."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    manifest_file = path / MANIFEST
-    if not manifest_file.is_file():
-        raise ConfigError(f"{manifest_file} is missing; {path} is not a complete checkpoint")
-    manifest = json.loads(manifest_file.read_text())
+    try:
+        manifest = read_manifest(path)
+        problem = _verify(path, manifest, rank, world, fingerprint, engine.module, base_model)
+    except ConfigError as err:
+        problem = str(err)
     problems: list[str | None] = [None] * world
-    dist.all_gather_object(problems, _verify(path, manifest, rank, world, fingerprint, engine.module))
+    dist.all_gather_object(problems, problem)
     problem = next((p for p in problems if p), None)
     if problem:
         raise ConfigError(problem)

@@ -13,9 +13,10 @@ Written into a hidden temporary directory, fsynced and renamed, like a training 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import deepspeed.comm as dist
@@ -30,10 +31,11 @@ from exert_ds.model.architecture import block_linears, decoder_layers, unwrap
 from exert_ds.prune.pattern import pruned_per_row
 from exert_ds.runtime.shard import all_shard_ranges
 from exert_ds.storage import sparse_codec
-from exert_ds.storage.atomic import publish, sha256_file, temporary_sibling
+from exert_ds.storage.atomic import SharedWrite, publish, sha256_file, temporary_sibling, write_errors
 from exert_ds.storage.safetensors_stream import SafetensorsStream
 
 MANIFEST = "expert_manifest.json"
+MANIFEST_DIGEST = "manifest_sha256"  # the manifest's own sha256 (of its other keys, canonical JSON)
 FORMAT = "exert-ds-expert"
 FORMAT_VERSION = 1
 CHUNK = 1 << 24  # elements per row block when checking the promise
@@ -53,11 +55,6 @@ def _rank_world() -> tuple[int, int]:
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def _shape(param: nn.Parameter) -> tuple[int, ...]:
@@ -91,19 +88,29 @@ def _promise(role: str | None, shape: tuple[int, ...], sparsity: float, n: int, 
 
 @torch.no_grad()
 def write_expert(
-    model: nn.Module, tokenizer, out_dir: str | Path, sparsity: float = 0.0, n: int = 0, m: int = 0
+    model: nn.Module,
+    tokenizer,
+    out_dir: str | Path,
+    sparsity: float = 0.0,
+    n: int = 0,
+    m: int = 0,
+    base_model: dict | None = None,
 ) -> Path:
     """Collective under ZeRO-3 (also a plain single process): each rank streams its partition of every base
     parameter (LoRA excluded: B = 0 after the final event, so the base weights are the merged model) into its own
     file; rank 0 adds config, tokenizer and the manifest. `sparsity` (or N:M `n`, `m`) is what the schedule
-    promised: every pruned row must hold at least `pruned_per_row(...)` zeros, which readers check."""
+    promised: every pruned row must hold at least `pruned_per_row(...)` zeros, which readers check. `base_model`
+    (base_model.base_model_fingerprint of the files it was trained from) is kept in the manifest as provenance.
+    A write the OS refuses on any rank raises the same WriteError on every rank, and nothing is left behind."""
     rank, world = _rank_world()
     out = Path(out_dir)
     tmp = temporary_sibling(out)
+    shared = SharedWrite(cleanup=(lambda: shutil.rmtree(tmp, ignore_errors=True)) if rank == 0 else None)
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
+        with shared.catch(), write_errors(tmp):
+            tmp.mkdir(parents=True)
+    shared.share()
     roles = pruned_roles(model)
     params = [(base_parameter_name(n_), p) for n_, p in model.named_parameters() if "lora_" not in n_]
     specs, tensors, layouts = [], {}, {}
@@ -118,19 +125,25 @@ def write_expert(
             specs += [(f"{name}.dense", local.dtype, (local.numel(),))]
         entry["ranges"] = [[r.start, r.end] for r in all_shard_ranges(_shape(param), world)]
         tensors[name] = entry
-    stream = SafetensorsStream(tmp / rank_file(rank, world), specs, {"format": "pt", "exert_ds": FORMAT}, digest=True)
-    for name, param in tqdm(params, desc="write expert", unit="tensor", disable=rank != 0):  # pass 2: the bytes
-        local = _local_values(param)
-        if name in layouts:
-            for key, piece in sparse_codec.encode(local, layouts[name]).items():
-                stream.write(f"{name}.{key}", piece)
-        else:
-            stream.write(f"{name}.dense", local)
-    hashes = {rank_file(rank, world): stream.close()}
+    hashes: dict[str, str | None] = {}
+    with shared.catch(), write_errors(tmp / rank_file(rank, world)):  # pass 2: the bytes
+        stream = SafetensorsStream(
+            tmp / rank_file(rank, world), specs, {"format": "pt", "exert_ds": FORMAT}, digest=True
+        )
+        for name, param in tqdm(params, desc="write expert", unit="tensor", disable=rank != 0):
+            local = _local_values(param)
+            if name in layouts:
+                for key, piece in sparse_codec.encode(local, layouts[name]).items():
+                    stream.write(f"{name}.{key}", piece)
+            else:
+                stream.write(f"{name}.dense", local)
+        hashes[rank_file(rank, world)] = stream.close()
     if rank == 0:
-        unwrap(model).config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        hashes |= {p.name: sha256_file(p) for p in tmp.iterdir() if p.is_file() and p.name not in hashes}
+        with shared.catch(), write_errors(tmp):
+            unwrap(model).config.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            hashes |= {p.name: sha256_file(p) for p in tmp.iterdir() if p.is_file() and p.name not in hashes}
+    shared.share()
     gathered: list[dict] = [hashes] * world
     if dist.is_initialized():
         dist.all_gather_object(gathered, hashes)
@@ -140,34 +153,56 @@ def write_expert(
             "format_version": FORMAT_VERSION,
             "world_size": world,
             "promise": {"sparsity": sparsity, "n": n, "m": m},
+            "base_model": base_model,
             "tensors": tensors,
             "files": {k: v for part in gathered for k, v in sorted(part.items())},
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        publish(tmp, out)
-    _barrier()
+        with shared.catch():
+            write_manifest(tmp, manifest)
+            publish(tmp, out)
+    shared.share()
     return out
 
 
+def _manifest_digest(manifest: dict) -> str:
+    body = {k: v for k, v in manifest.items() if k != MANIFEST_DIGEST}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def write_manifest(folder: Path, manifest: dict) -> None:
+    """`folder/expert_manifest.json` with its own sha256 in it, so that an altered manifest is found out too."""
+    with write_errors(folder / MANIFEST):
+        (folder / MANIFEST).write_text(json.dumps({**manifest, MANIFEST_DIGEST: _manifest_digest(manifest)}, indent=1))
+
+
 def is_expert_dir(path: str | Path) -> bool:
-    manifest = Path(path) / MANIFEST
-    if not manifest.is_file():
-        return False
-    try:
-        return json.loads(manifest.read_text()).get("format") == FORMAT
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return False
+    """Whether `path` holds an expert manifest (intact or not: read_manifest says what is wrong with it)."""
+    return (Path(path) / MANIFEST).is_file()
 
 
 def read_manifest(path: str | Path) -> dict:
+    """The expert's manifest, or a ConfigError naming it when it is missing, cannot be parsed, is not an expert's,
+    lacks a key or differs from its own recorded sha256 (truncated or altered)."""
     file = Path(path) / MANIFEST
-    if not is_expert_dir(path):
+    if not file.is_file():
+        raise ConfigError(f"{file} is missing; give the expert directory a run wrote")
+    damaged = f"{file} is damaged"
+    fix = "the expert is damaged, write it again"
+    try:
+        manifest = json.loads(file.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{damaged} (not valid JSON: {err}); {fix}") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ConfigError(f"{file} is not an exert-ds expert manifest; give the expert directory a run wrote")
+    if manifest.get("format_version") != FORMAT_VERSION:
         raise ConfigError(
-            f"{file} is missing or not an exert-ds expert manifest; give the expert directory a run wrote"
+            f"{file}: expert format {manifest.get('format_version')}, this exert-ds reads {FORMAT_VERSION}"
         )
-    manifest = json.loads(file.read_text())
-    if manifest["format_version"] != FORMAT_VERSION:
-        raise ConfigError(f"{file}: expert format {manifest['format_version']}, this exert-ds reads {FORMAT_VERSION}")
+    missing = [key for key in ("world_size", "promise", "tensors", "files") if key not in manifest]
+    if missing:
+        raise ConfigError(f"{damaged} (no {', '.join(missing)}); {fix}")
+    if MANIFEST_DIGEST in manifest and manifest[MANIFEST_DIGEST] != _manifest_digest(manifest):
+        raise ConfigError(f"{damaged} (altered: its content differs from the sha256 it records); {fix}")
     return manifest
 
 
@@ -184,12 +219,17 @@ def damaged_files(path: str | Path, manifest: dict) -> dict[str, str]:
     return bad
 
 
+def damage_line(path: str | Path, bad: dict[str, str]) -> str:
+    """The one line that names the first damaged file of `bad` (damaged_files' answer)."""
+    name, why = next(iter(bad.items()))
+    return f"{Path(path) / name} is {why} against {MANIFEST}; the expert is damaged, write it again"
+
+
 def verify_files(path: str | Path, manifest: dict) -> None:
     """One-line ConfigError naming the first missing, truncated or altered file."""
     bad = damaged_files(path, manifest)
     if bad:
-        name, why = next(iter(bad.items()))
-        raise ConfigError(f"{Path(path) / name} is {why} against {MANIFEST}; the expert is damaged, write it again")
+        raise ConfigError(damage_line(path, bad))
 
 
 def check_promise(path: Path, name: str, weight: Tensor, entry: dict, pattern: tuple[int, int]) -> None:
@@ -243,18 +283,29 @@ def _read_fragment(file: Path, name: str, storage: str, out: Tensor) -> None:
             out[at : at + DENSE_CHUNK] = stored[at : at + DENSE_CHUNK]
 
 
-def assemble(path: Path, manifest: dict, check: bool = True) -> Iterator[tuple[str, Tensor]]:
-    """expert_tensors without the sha256 pass (for a caller that ran verify_files itself); `check`: the promise."""
-    world = manifest["world_size"]
-    pattern = (manifest["promise"]["n"], manifest["promise"]["m"])
-    for name, entry in manifest["tensors"].items():
-        shape = tuple(entry["shape"])
-        flat = torch.empty(int(np.prod(shape, dtype=np.int64)), dtype=getattr(torch, entry["dtype"]))
-        for rank, (start, end) in enumerate(entry["ranges"]):
-            if start < end:
-                _read_fragment(path / rank_file(rank, world), name, entry["storage"], flat[start:end])
-        weight = flat.view(shape)
-        if check and entry["storage"] == "sparse":
-            check_promise(path, name, weight, entry, pattern)
+def read_tensor(path: Path, manifest: dict, name: str, check: bool = True) -> Tensor:
+    """The full tensor `name` (Hugging Face name, a key of the manifest's `tensors`), assembled from the rank files
+    without a sha256 pass (the caller ran verify_files); `check`: its zeros per row against the promise."""
+    entry = manifest["tensors"].get(name)
+    if entry is None:
+        raise ConfigError(f"{path / MANIFEST} lists no tensor {name}; the expert does not hold it")
+    shape, world = tuple(entry["shape"]), manifest["world_size"]
+    flat = torch.empty(int(np.prod(shape, dtype=np.int64)), dtype=getattr(torch, entry["dtype"]))
+    for rank, (start, end) in enumerate(entry["ranges"]):
+        if start < end:
+            _read_fragment(path / rank_file(rank, world), name, entry["storage"], flat[start:end])
+    weight = flat.view(shape)
+    if check and entry["storage"] == "sparse":
+        check_promise(path, name, weight, entry, (manifest["promise"]["n"], manifest["promise"]["m"]))
+    return weight
+
+
+def assemble(
+    path: Path, manifest: dict, check: bool = True, names: Iterable[str] | None = None
+) -> Iterator[tuple[str, Tensor]]:
+    """expert_tensors without the sha256 pass (for a caller that ran verify_files itself), in the order of `names`
+    (default: the manifest's); `check`: the promise. One tensor alive at a time."""
+    for name in manifest["tensors"] if names is None else names:
+        weight = read_tensor(path, manifest, name, check)
         yield name, weight
-        del flat, weight  # before the next tensor is allocated: the caller holds the only reference now
+        del weight  # before the next tensor is allocated: the caller holds the only reference now

@@ -10,6 +10,7 @@ stops every rank with the same one-line error instead of leaving them waiting in
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Any
 
 import deepspeed
@@ -20,7 +21,7 @@ from transformers.integrations import HfDeepSpeedConfig
 
 from exert_ds.config import ModelConfig
 from exert_ds.errors import ConfigError
-from exert_ds.storage.expert import expert_tensors, read_manifest
+from exert_ds.storage.expert import read_manifest, read_tensor, verify_files
 
 
 def promised_sparsity(manifest: dict) -> float | None:
@@ -44,27 +45,37 @@ def load_expert_model(
 ) -> tuple[PreTrainedModel, HfDeepSpeedConfig | None, float | None]:
     """(model, the HfDeepSpeedConfig to keep alive, promised sparsity) of the expert directory cfg.name_or_path."""
     path = cfg.name_or_path
+    zero3 = ds_config is not None
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    reads = rank == 0 or not zero3
+    error = None
+    if reads:
+        try:  # the manifest and every file's sha256 (config.json included) before anything is read
+            verify_files(path, read_manifest(path))
+        except ConfigError as err:
+            error = str(err)
+    if zero3:
+        error = _broadcast(error)
+    if error:
+        raise ConfigError(error)
     manifest = read_manifest(path)
     keep_alive = HfDeepSpeedConfig(ds_config) if ds_config is not None else None
     config = AutoConfig.from_pretrained(path)
     if cfg.attn_implementation:
         config._attn_implementation = cfg.attn_implementation
-    zero3 = ds_config is not None
     init = deepspeed.zero.Init(config_dict_or_path=ds_config) if zero3 else contextlib.nullcontext()
     with init:
         model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, cfg.dtype))
     params = dict(model.named_parameters())
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    reader = expert_tensors(path) if rank == 0 or not zero3 else None
     loaded = set()
     for name in manifest["tensors"]:
-        error, tensor = None, None
-        if reader is not None:
+        tensor = None
+        if reads:
             try:
-                got, tensor = next(reader)
-                shape = tuple(getattr(params[got], "ds_shape", params[got].shape)) if got in params else None
-                if got != name or shape != tuple(tensor.shape):
-                    error = f"{path}: tensor {got} does not belong to the {type(model).__name__} of its config.json"
+                tensor = read_tensor(Path(path), manifest, name)
+                shape = tuple(getattr(params[name], "ds_shape", params[name].shape)) if name in params else None
+                if shape != tuple(tensor.shape):
+                    error = f"{path}: tensor {name} does not belong to the {type(model).__name__} of its config.json"
             except ConfigError as err:
                 error = str(err)
         if zero3:

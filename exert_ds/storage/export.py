@@ -24,7 +24,7 @@ from huggingface_hub.serialization._base import parse_size_to_int
 from tqdm.auto import tqdm
 
 from exert_ds.errors import ConfigError
-from exert_ds.storage.atomic import publish, temporary_sibling
+from exert_ds.storage.atomic import publish, temporary_sibling, write_errors
 from exert_ds.storage.checkpoint import MANIFEST as CHECKPOINT_MANIFEST
 from exert_ds.storage.expert import MANIFEST, assemble, is_expert_dir, rank_file, read_manifest, verify_files
 from exert_ds.storage.safetensors_stream import SafetensorsStream, nbytes
@@ -81,29 +81,29 @@ def export_expert(src: str | Path, out: str | Path, max_shard_size: str | int = 
     )
     tmp = temporary_sibling(out)
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    with write_errors(tmp):
+        tmp.mkdir(parents=True)
     try:
         verify_files(expert, manifest)  # sha256 of every file before anything is read
-        tensors = assemble(expert, manifest, check=True)  # and every pruned row's zeros on the way
         bar = tqdm(total=len(specs), desc="export", unit="tensor")
-        for filename, names in split.filename_to_tensors.items():
-            shard = SafetensorsStream(
-                tmp / filename, [(n, *specs[n]) for n in names], metadata={"format": "pt"}, digest=False
-            )
-            for name in names:
-                got, tensor = next(tensors)
-                if got != name:
-                    raise RuntimeError(f"expert tensor order changed: {got} arrived where {name} was planned")
-                shard.write(name, tensor)
-                del tensor
-                bar.update(1)
-            shard.close()
+        for filename, names in split.filename_to_tensors.items():  # the planner's order, not the manifest's
+            with write_errors(tmp / filename):
+                shard = SafetensorsStream(
+                    tmp / filename, [(n, *specs[n]) for n in names], metadata={"format": "pt"}, digest=False
+                )
+                for name, tensor in assemble(expert, manifest, check=True, names=names):  # every pruned row's zeros
+                    shard.write(name, tensor)
+                    del tensor
+                    bar.update(1)
+                shard.close()
         bar.close()
         if len(split.filename_to_tensors) > 1:
             index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
-            (tmp / INDEX).write_text(json.dumps(index, indent=2))
+            with write_errors(tmp / INDEX):
+                (tmp / INDEX).write_text(json.dumps(index, indent=2))
         for side in _side_files(expert, manifest):
-            shutil.copy2(side, tmp / side.name)
+            with write_errors(tmp / side.name):
+                shutil.copy2(side, tmp / side.name)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

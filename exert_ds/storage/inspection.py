@@ -7,7 +7,7 @@ Reads only manifests, the packed bitmasks (for the measured sparsity) and, for i
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +16,11 @@ from safetensors import safe_open
 
 from exert_ds.errors import ConfigError
 from exert_ds.model.architecture import LLAMA_LIKE_ROLES
-from exert_ds.storage.checkpoint import LATEST
+from exert_ds.storage.checkpoint import LATEST, complete_checkpoints
 from exert_ds.storage.checkpoint import MANIFEST as CHECKPOINT_MANIFEST
 from exert_ds.storage.checkpoint import _rank_file as checkpoint_rank_file
-from exert_ds.storage.expert import damaged_files, is_expert_dir, rank_file, read_manifest
+from exert_ds.storage.checkpoint import read_manifest as read_checkpoint_manifest
+from exert_ds.storage.expert import damage_line, damaged_files, is_expert_dir, rank_file, read_manifest
 
 
 def _size(count: int) -> str:
@@ -58,8 +59,15 @@ def _file_lines(path: Path, files: dict[str, str], bad: dict[str, str]) -> list[
     return lines
 
 
-def describe_checkpoint(path: Path) -> tuple[list[str], bool]:
-    manifest = json.loads((path / CHECKPOINT_MANIFEST).read_text())
+def _base_model_line(base_model: dict | None) -> list[str]:
+    if not base_model:
+        return ["  base model: no fingerprint recorded"]
+    files = base_model["files"]
+    return [f"  base model {base_model['path']}: {len(files)} files fingerprinted ({', '.join(sorted(files)[:3])}…)"]
+
+
+def describe_checkpoint(path: Path) -> tuple[list[str], str | None]:
+    manifest = read_checkpoint_manifest(path)
     position, world = manifest["position"], manifest["world_size"]
     lines = [
         f"training checkpoint {path}",
@@ -67,6 +75,7 @@ def describe_checkpoint(path: Path) -> tuple[list[str], bool]:
         f"{position['events_done']}, world size {world}, format {manifest['format']}, config fingerprint "
         f"{manifest['config_fingerprint'][:12]}",
     ]
+    lines += _base_model_line(manifest.get("base_model"))
     bad = damaged_files(path, manifest)
     rank_files = [checkpoint_rank_file(r) for r in range(world)]
     if any(name in bad for name in rank_files):
@@ -80,10 +89,14 @@ def describe_checkpoint(path: Path) -> tuple[list[str], bool]:
                 count[0] += int(packed["numel"]) - _popcount(packed["mask"])
                 count[1] += int(packed["numel"])
         lines += _sparsity_lines(zeros)
-    return lines + _file_lines(path, manifest["files"], bad), not bad
+    problem = None
+    if bad:
+        name, why = next(iter(bad.items()))
+        problem = f"{path / name} is {why} against {CHECKPOINT_MANIFEST}; the checkpoint is damaged"
+    return lines + _file_lines(path, manifest["files"], bad), problem
 
 
-def describe_expert(path: Path) -> tuple[list[str], bool]:
+def describe_expert(path: Path) -> tuple[list[str], str | None]:
     manifest = read_manifest(path)
     world, promise, tensors = manifest["world_size"], manifest["promise"], manifest["tensors"]
     sparse = {name: e for name, e in tensors.items() if e["storage"] == "sparse"}
@@ -93,6 +106,7 @@ def describe_expert(path: Path) -> tuple[list[str], bool]:
         f"  world size {world}, format {manifest['format_version']}, {len(tensors)} tensors ({len(sparse)} stored "
         f"sparse), promised {pattern}",
     ]
+    lines += _base_model_line(manifest.get("base_model"))
     bad = damaged_files(path, manifest)
     if any(rank_file(r, world) in bad for r in range(world)):
         lines.append("  measured sparsity: unavailable (a rank file is damaged)")
@@ -106,18 +120,34 @@ def describe_expert(path: Path) -> tuple[list[str], bool]:
                     count[0] += (end - start) - _popcount(fh.get_tensor(f"{name}.mask"))
                     count[1] += end - start
         lines += _sparsity_lines(zeros)
-    return lines + _file_lines(path, manifest["files"], bad), not bad
+    return lines + _file_lines(path, manifest["files"], bad), damage_line(path, bad) if bad else None
 
 
-def describe(path: str | Path) -> tuple[list[str], bool]:
-    """(report lines, intact) for a checkpoint directory, a checkpoints root (its `latest`) or an expert."""
+def _latest(root: Path) -> Path:
+    """The checkpoint `root/latest` names, or a ConfigError when `latest` is damaged (naming the newest complete
+    checkpoint, which `--resume auto` would take)."""
+    latest = root / LATEST
+    try:
+        named = latest.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        named = ""
+    if named and "/" not in named and (root / named / CHECKPOINT_MANIFEST).is_file():
+        return root / named
+    complete = complete_checkpoints(root)
+    newest = f"the newest complete checkpoint is {complete[0]}" if complete else "no complete checkpoint is left"
+    raise ConfigError(f"inspect {root}: {latest} is damaged (it names {named[:80]!r}, not a checkpoint); {newest}")
+
+
+def describe(path: str | Path) -> tuple[list[str], str | None]:
+    """(report lines, None or the one line naming the first damaged file) for a checkpoint directory, a
+    checkpoints root (its `latest`) or an expert."""
     path = Path(path)
     if is_expert_dir(path):
         return describe_expert(path)
     if (path / CHECKPOINT_MANIFEST).is_file():
         return describe_checkpoint(path)
     if (path / LATEST).is_file():
-        return describe_checkpoint(path / (path / LATEST).read_text().strip())
+        return describe_checkpoint(_latest(path))
     raise ConfigError(
         f"inspect {path}: neither a training checkpoint ({CHECKPOINT_MANIFEST}) nor a sparse expert; give "
         "output_dir/checkpoints/step-…, output_dir/checkpoints or output_dir/expert"
@@ -140,6 +170,11 @@ def add_inspect_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def inspect_command(args: argparse.Namespace) -> int:
-    lines, intact = describe(args.path)
+    """Print the report; exit status 1 with the same one `exert-ds: error:` line as export or resume when a file
+    is missing, truncated or altered."""
+    lines, problem = describe(args.path)
     print("\n".join(lines))
-    return 0 if intact else 1
+    if problem:
+        print(f"exert-ds: error: {problem}", file=sys.stderr)
+        return 1
+    return 0

@@ -8,6 +8,7 @@ engine's partitions by event.PruneEvent + zero3.Zero3Backend → merged sparse m
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass, replace
@@ -37,27 +38,34 @@ from exert_ds.prune.schedule import PlannedEvent, plan_events
 from exert_ds.runtime.dist import init_distributed, launched_world_size
 from exert_ds.runtime.ds_config import load_ds_config
 from exert_ds.runtime.zero3 import Zero3Backend
+from exert_ds.storage.atomic import SharedWrite, write_errors
+from exert_ds.storage.base_model import base_model_fingerprint
 from exert_ds.storage.checkpoint import TrainPosition, load_checkpoint, resolve_resume, save_checkpoint
 from exert_ds.storage.expert import write_expert
 from exert_ds.storage.export import export_expert
 
 
 class Logger:
-    """TensorBoard scalars and plain log lines, rank 0 only."""
+    """TensorBoard scalars and plain log lines, rank 0 only. A TensorBoard write the OS refuses is kept in
+    `shared` and raised on every rank at the next `shared.share()` (every rank calls it: _log_step, finish)."""
 
     def __init__(self, out_dir: Path, rank: int) -> None:
         self.rank = rank
         self.writer = None
+        self.folder = out_dir / "tensorboard"
+        self.shared = SharedWrite()
         if rank == 0:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(out_dir / "tensorboard"))
+            with self.shared.catch(), write_errors(self.folder):
+                self.writer = SummaryWriter(str(self.folder))
 
     def scalars(self, values: dict[str, float], step: int) -> None:
-        if self.writer is not None:
-            for key, value in values.items():
-                self.writer.add_scalar(key, value, step)
-            self.writer.flush()
+        if self.writer is not None and self.shared.error is None:
+            with self.shared.catch(), write_errors(self.folder):
+                for key, value in values.items():
+                    self.writer.add_scalar(key, value, step)
+                self.writer.flush()
 
     def line(self, text: str) -> None:
         if self.rank == 0:
@@ -65,7 +73,8 @@ class Logger:
 
     def close(self) -> None:
         if self.writer is not None:
-            self.writer.close()
+            with contextlib.suppress(OSError):  # a refused write was raised already
+                self.writer.close()
 
 
 @dataclass
@@ -237,6 +246,7 @@ def finish(session: Session, dense_ppl: float | None, pruned: bool) -> Path | No
     """Measure, report and save the sparse expert (after the final event: B = 0, weights merged and masked):
     every rank writes its partition to output_dir/expert in parallel, then rank 0 streams that into the Hugging
     Face directory output_dir/final, checking the sparsity the schedule promised (none when not `pruned`)."""
+    session.logger.shared.share()  # a refused TensorBoard write (prune events log too) stops every rank here
     sparsity = sparsity_report(session.engine.module, Zero3Backend().all_reduce)["roles"]
     summary = {
         "measured_sparsity": sparsity,
@@ -245,7 +255,13 @@ def finish(session: Session, dense_ppl: float | None, pruned: bool) -> Path | No
     }
     prune = session.cfg.prune
     promise = (prune.sparsity, prune.n, prune.m) if pruned else (0.0, 0, 0)
-    expert = write_expert(session.engine.module, session.tokenizer, session.out_dir / "expert", *promise)
+    expert = write_expert(
+        session.engine.module,
+        session.tokenizer,
+        session.out_dir / "expert",
+        *promise,
+        base_model=base_model_fingerprint(session.cfg.model),
+    )
     out, error = None, None
     if dist.get_rank() == 0:
         try:
@@ -261,8 +277,12 @@ def finish(session: Session, dense_ppl: float | None, pruned: bool) -> Path | No
         if error is not None:
             raise error  # rank 0 keeps its traceback
         raise RuntimeError(f"the export to {session.out_dir / 'final'} failed on rank 0: {message}")
+    shared = SharedWrite()
     if dist.get_rank() == 0:
-        (session.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        with shared.catch(), write_errors(session.out_dir / "summary.json"):
+            (session.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    shared.share()
+    if dist.get_rank() == 0:
         roles = ", ".join(f"{role} {value:.4f}" for role, value in sparsity.items())
         session.logger.line(f"measured sparsity per role: {roles}")
         if dense_ppl is not None:
@@ -278,12 +298,14 @@ def train(cfg: RunConfig, resume: str | None = None) -> Path | None:
     """The EfficientXpert run: LoRA training with prune events; writes the merged sparse expert.
     Checkpoints every `train.save_every_steps`, after every event and at the end; `resume` continues one."""
     root = Path(cfg.train.output_dir) / "checkpoints"
-    found = resolve_resume(root, resume, cfg.fingerprint()) if resume else None  # before any process group
+    base_model = base_model_fingerprint(cfg.model)  # None for a hub model not downloaded yet
+    found = resolve_resume(root, resume, cfg.fingerprint(), base_model) if resume else None  # before any group
     session = build_session(cfg, with_training_data=True)
+    base_model = base_model or base_model_fingerprint(cfg.model)
     engine, loader, logger = session.engine, session.loader, session.logger
     position = TrainPosition()
     if found:
-        position, ema = load_checkpoint(engine, found, cfg.fingerprint())
+        position, ema = load_checkpoint(engine, found, cfg.fingerprint(), base_model)
         session.events.state = PruneState(events_done=position.events_done, ema=ema)
         logger.line(f"resumed from {found} at step {position.step}")
     else:
@@ -300,7 +322,9 @@ def train(cfg: RunConfig, resume: str | None = None) -> Path | None:
     def checkpoint(epoch: int, micro: int) -> None:
         nonlocal position
         position = replace(position, step=step, epoch=epoch, micro=micro, events_done=session.events.state.events_done)
-        save_checkpoint(engine, session.events.state.ema, position, root, cfg.fingerprint(), cfg.train.keep_checkpoints)
+        save_checkpoint(
+            engine, session.events.state.ema, position, root, cfg.fingerprint(), cfg.train.keep_checkpoints, base_model
+        )
 
     step, tokens, started, losses = position.step, 0, time.perf_counter(), []
     bar = tqdm(total=total, initial=step, desc="train", disable=dist.get_rank() != 0)
@@ -354,6 +378,7 @@ def _log_step(session: Session, step: int, losses: list[torch.Tensor], tokens: i
         },
         step,
     )
+    session.logger.shared.share()
     session.logger.line(
         f"step {step}: loss {loss:.4f}, lr {lr:.2e}, {float(stats[2]) / seconds:.0f} tokens/s, peak {peak:.1f} GiB (rank 0)"
     )
