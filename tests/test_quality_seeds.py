@@ -106,7 +106,8 @@ def test_table_writes_the_summary_and_plot_from_a_raw_file(tmp_path):
     assert entry["domain_ppl"] == {"per_seed": {"0": 10.0, "1": 11.0}, "mean": 10.5}
     assert entry["domain_task_mean"]["mean"] == 1.0
     assert summary["health"]["0.5"]["lora_then_sparsegpt"]["domain_task_mean"]["mean"] == 0.5
-    assert summary["verdicts"]["health"]["0.5"]["sparsegpt"]["domain_ppl"] is True
-    assert summary["verdicts"]["health"]["0.5"]["sparsegpt"]["domain_task_mean"] is True
+    verdict = summary["verdicts"]["health"]["0.5"]["foresight_pbs_hessian"]["sparsegpt"]
+    assert verdict["domain_ppl"] is True and verdict["loses_domain_ppl"] is False
+    assert verdict["domain_task_mean"] is True and verdict["loses_domain_task_mean"] is False
     assert (tmp_path / "quality_relative.png").stat().st_size > 1000
     assert "seed means and every seed" in (tmp_path / "quality.md").read_text()

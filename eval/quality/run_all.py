@@ -110,7 +110,7 @@ def event_scalars(run_dir: Path) -> dict[str, list[list[float]]]:
         return {}
     acc = EventAccumulator(str(board))
     acc.Reload()
-    wanted = ("pbs_error_reduction/", "mask_change/", "event/", "sparsity/", "train/loss")
+    wanted = ("pbs_error_reduction/", "obs_error_reduction/", "mask_change/", "event/", "sparsity/", "train/loss")
     return {
         tag: [[e.step, e.value] for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"] if tag.startswith(wanted)
     }
