@@ -22,8 +22,8 @@ from typing import Annotated, Any, Literal
 import yaml
 
 from exert_ds.errors import ConfigError
-from exert_ds.model.roles import LLAMA_LIKE_ROLES, ROLES
 from exert_ds.prune.pattern import pattern_problem
+from exert_ds.roles import LLAMA_LIKE_ROLES, ROLES
 
 BOOKKEEPING_KEYS = ("log_every", "save_every_steps", "keep_checkpoints")  # train.* keys a resume may change
 

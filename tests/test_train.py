@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from exert_ds.model.roles import LLAMA_LIKE_ROLES
+from exert_ds.roles import LLAMA_LIKE_ROLES
 from tests.fixtures import run_yaml
 from tests.launch import REPO, deepspeed_cpu, torchrun_cpu
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from exert_ds.model.roles import ROLE_TABLES, ROLES
+from exert_ds.roles import ROLE_TABLES, ROLES
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from exert_ds.model.architecture import decoder_layers, decoder_stack
-from exert_ds.model.roles import STAT_GROUP
+from exert_ds.roles import STAT_GROUP
 
 
 class _CaughtBlockInput(Exception):

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from exert_ds.model.roles import ROLES
 from exert_ds.prune.pattern import check_pattern, pruned_per_row
+from exert_ds.roles import ROLES
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import numpy as np
 from safetensors import safe_open
 
 from exert_ds.errors import ConfigError
-from exert_ds.model.roles import role_of
+from exert_ds.roles import role_of
 from exert_ds.storage import torch_archive
 from exert_ds.storage.manifest import (
     CHECKPOINT_MANIFEST,

@@ -102,7 +102,7 @@ class _Unpickler(pickle.Unpickler):
             return name
         if module == "torch" and name[:1].islower():  # a dtype object, e.g. torch.bfloat16: kept as its name
             return f"torch.{name}"
-        if (module, name) in SAFE_GLOBALS:
+        if (module.replace("__builtin__", "builtins"), name) in SAFE_GLOBALS:  # protocol 2 names Python 2's module
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"{module}.{name} is not read without torch")
 
