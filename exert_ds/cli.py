@@ -124,10 +124,10 @@ def run_command(args: argparse.Namespace, rest: list[str]) -> int:
     from exert_ds.config import load_config
 
     cfg = load_config(args.config, _overrides(args.set))
-    from exert_ds.runtime.dist import launched_rank, set_deepspeed_verbosity, shutdown_distributed
+    from exert_ds.runtime.dist import launched_rank, set_verbosity, shutdown_distributed
     from exert_ds.train import trainer  # torch, deepspeed and peft once the config is known to be good
 
-    set_deepspeed_verbosity(args.verbose, launched_rank())
+    set_verbosity(args.verbose, launched_rank())
     if args.command == "train":
         trainer.train(cfg, resume=args.resume)
     else:

@@ -303,10 +303,10 @@ def parse_settings(argv: list[str]) -> EvalSettings:
 def eval_command(argv: list[str], verbose: bool = False) -> int:
     """Run `exert-ds eval` with its flags `argv`; exit status 1 (after writing the results) when the sparsity
     promise is broken. `verbose`: DeepSpeed's INFO lines too."""
-    from exert_ds.runtime.dist import launched_rank, set_deepspeed_verbosity
+    from exert_ds.runtime.dist import launched_rank, set_verbosity
 
     settings = parse_settings(argv)
-    set_deepspeed_verbosity(verbose, launched_rank())
+    set_verbosity(verbose, launched_rank())
     results = run_eval(settings)
     check = results["sparsity"].get("check")
     if check and not check["passed"]:

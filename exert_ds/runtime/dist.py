@@ -59,12 +59,16 @@ def quiet_other_ranks(rank: int) -> None:
         transformers_logging.set_verbosity_error()
 
 
-def set_deepspeed_verbosity(verbose: bool, rank: int) -> None:
-    """DeepSpeed's logger: INFO with `--verbose`, else WARNING on rank 0 and ERROR on the others. A DeepSpeed
-    config's own `log_level` key still applies once the engine is built (DeepSpeed sets it then)."""
+def set_verbosity(verbose: bool, rank: int) -> None:
+    """What the libraries print. DeepSpeed's logger: INFO with `--verbose`, else WARNING on rank 0 and ERROR on the
+    others (a DeepSpeed config's own `log_level` key still applies once the engine is built). Without `--verbose`,
+    the deprecation notices torch, transformers, deepspeed and peft raise about each other's calls (FutureWarning)
+    are not shown: a user can do nothing about them."""
     from deepspeed.utils.logging import set_log_level_from_string
 
     set_log_level_from_string("info" if verbose else "warning" if rank == 0 else "error")
+    if not verbose:
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"(torch|transformers|deepspeed|peft)(\.|$)")
 
 
 def init_distributed() -> None:
