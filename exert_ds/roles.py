@@ -29,5 +29,5 @@ STAT_GROUP: dict[str, str] = {"q": "q", "k": "q", "v": "q", "o": "o", "gate": "g
 
 
 def role_of(parameter_name: str, table: dict[str, str] = LLAMA_LIKE_ROLES) -> str | None:
-    """The role whose module path appears in a parameter name (`model.layers.3.mlp.up_proj.weight` → 'up'), or None."""
+    """The role whose module path is in a parameter name (`model.layers.3.mlp.up_proj.weight` → 'up'), or None."""
     return next((role for role, path in table.items() if f".{path}." in f".{parameter_name}."), None)

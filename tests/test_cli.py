@@ -1,4 +1,4 @@
-"""exert_ds.cli's process hygiene: the shared-memory buffer DeepSpeed's CPU all-reduce leaves is removed; only rank 0 speaks."""
+"""exert_ds.cli's process hygiene: DeepSpeed's leftover shared-memory buffer is removed; only rank 0 speaks."""
 
 import os
 from pathlib import Path
