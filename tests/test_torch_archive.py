@@ -66,3 +66,13 @@ def test_refuses_objects_it_cannot_build_without_torch(tmp_path):
     torch.save({"layer": torch.nn.Linear(2, 2)}, tmp_path / "module.pt")
     with pytest.raises(pickle.UnpicklingError, match="is not read without torch"):
         torch_archive.load(tmp_path / "module.pt")
+
+
+def test_inspect_falls_back_to_torch_load_for_a_file_it_cannot_read(tmp_path):
+    """A per-rank file holding something torch_archive refuses still gives its bitmask counts, through torch.load."""
+    from exert_ds.storage.inspection import stored_masks
+
+    mask = torch.tensor([0b00001111, 0b10000000], dtype=torch.uint8)
+    torch.save({"weights": {"w": {"numel": 16, "mask": mask}}, "other": torch.nn.Linear(1, 1)}, tmp_path / "r.pt")
+    ((name, (numel, got)),) = stored_masks(tmp_path / "r.pt").items()
+    assert name == "w" and numel == 16 and np.array_equal(got, mask.numpy())

@@ -9,7 +9,9 @@ so the answer comes in about a second (README, "CLI speed").
 from __future__ import annotations
 
 import argparse
+import pickle
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +66,19 @@ def _file_lines(path: Path, files: dict[str, str], bad: dict[str, str]) -> list[
     return lines
 
 
+def stored_masks(file: Path) -> dict[str, tuple[int, np.ndarray]]:
+    """parameter name → (elements, packed bitmask) of a checkpoint's per-rank file. Read without torch; a file that
+    torch_archive cannot read (another torch format, an object it does not know) goes through torch.load."""
+    try:
+        weights = torch_archive.load(file)["weights"]
+        return {name: (int(p["numel"]), p["mask"].numpy()) for name, p in weights.items()}
+    except (pickle.UnpicklingError, zipfile.BadZipFile):
+        import torch
+
+        weights = torch.load(file, mmap=True, weights_only=False)["weights"]
+        return {name: (int(p["numel"]), p["mask"].numpy()) for name, p in weights.items()}
+
+
 def _base_model_line(base_model: dict | None) -> list[str]:
     if not base_model:
         return ["  base model: no fingerprint recorded"]
@@ -88,11 +103,10 @@ def describe_checkpoint(path: Path) -> tuple[list[str], str | None]:
     else:
         zeros: dict[str, list[int]] = {}
         for name in rank_files:
-            weights = torch_archive.load(path / name)["weights"]
-            for param, packed in weights.items():
+            for param, (numel, mask) in stored_masks(path / name).items():
                 count = zeros.setdefault(role_of(param) or param, [0, 0])
-                count[0] += int(packed["numel"]) - _popcount(packed["mask"].numpy())
-                count[1] += int(packed["numel"])
+                count[0] += numel - _popcount(mask)
+                count[1] += numel
         lines += _sparsity_lines(zeros)
     problem = None
     if bad:
