@@ -151,7 +151,6 @@ def _engine_scalars(engine) -> dict:
     }
 
 
-
 def _owned_engine_files(folder: Path, rank: int) -> list[Path]:
     """DeepSpeed's files that `rank` wrote (zero_pp_rank_R_*); rank 0 also takes the shared ones."""
     files = sorted(p for p in folder.rglob("*") if p.is_file())
@@ -299,13 +298,10 @@ class _recorded_engine_saves:
         del self.engine.__dict__["_copy_recovery_script"]
 
 
-
 def write_manifest(folder: Path, manifest: dict) -> None:
     """`folder/manifest.json` with its own sha256 in it, so that an altered manifest is found out too."""
     with write_errors(folder / MANIFEST):
         (folder / MANIFEST).write_text(json.dumps({**manifest, MANIFEST_DIGEST: manifest_digest(manifest)}, indent=1))
-
-
 
 
 def _say(text: str) -> None:

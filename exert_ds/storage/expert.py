@@ -43,7 +43,6 @@ CHUNK = 1 << 24  # elements per row block when checking the promise
 DENSE_CHUNK = 1 << 22  # elements copied at a time from a dense fragment
 
 
-
 def base_parameter_name(peft_name: str) -> str:
     """`base_model.model.model.layers.0.mlp.up_proj.base_layer.weight` → `model.layers.0.mlp.up_proj.weight`."""
     return peft_name.removeprefix("base_model.model.").replace(".base_layer.", ".")
@@ -162,15 +161,10 @@ def write_expert(
     return out
 
 
-
 def write_manifest(folder: Path, manifest: dict) -> None:
     """`folder/expert_manifest.json` with its own sha256 in it, so that an altered manifest is found out too."""
     with write_errors(folder / MANIFEST):
         (folder / MANIFEST).write_text(json.dumps({**manifest, MANIFEST_DIGEST: manifest_digest(manifest)}, indent=1))
-
-
-
-
 
 
 def verify_files(path: str | Path, manifest: dict) -> None:

@@ -74,6 +74,7 @@ def read_checkpoint_manifest(path: Path) -> dict:
         raise ConfigError(f"{damaged} (altered: its content differs from the sha256 it records); {fix}")
     return manifest
 
+
 def complete_checkpoints(root: Path) -> list[Path]:
     """The checkpoints under `root` whose manifest is intact and whose files all exist, newest first (their
     contents are checked against the sha256s when one is loaded)."""
@@ -87,9 +88,11 @@ def complete_checkpoints(root: Path) -> list[Path]:
             found.append(path)
     return found
 
+
 def is_expert_dir(path: str | Path) -> bool:
     """Whether `path` holds an expert manifest (intact or not: read_manifest says what is wrong with it)."""
     return (Path(path) / EXPERT_MANIFEST).is_file()
+
 
 def read_expert_manifest(path: str | Path) -> dict:
     """The expert's manifest, or a ConfigError naming it when it is missing, cannot be parsed, is not an expert's,
@@ -116,6 +119,7 @@ def read_expert_manifest(path: str | Path) -> dict:
         raise ConfigError(f"{damaged} (altered: its content differs from the sha256 it records); {fix}")
     return manifest
 
+
 def damaged_files(path: str | Path, manifest: dict) -> dict[str, str]:
     """file name → what is wrong ('missing' or 'sha256 differs'), for every file the manifest lists."""
     path = Path(path)
@@ -127,6 +131,7 @@ def damaged_files(path: str | Path, manifest: dict) -> dict[str, str]:
         elif sha256_file(file) != digest:
             bad[name] = "sha256 differs (truncated or altered)"
     return bad
+
 
 def damage_line(path: str | Path, bad: dict[str, str]) -> str:
     """The one line that names the first damaged file of `bad` (damaged_files' answer)."""
