@@ -1,20 +1,42 @@
-"""`exert-ds` command line: one subcommand per job; each reads a run YAML (see README)."""
+"""`exert-ds` command line: one subcommand per job; train and prune read a run YAML (see README).
+
+Only argparse and the standard library are imported here: each command imports its own module when it runs, so
+`exert-ds --help` and `exert-ds inspect` answer without loading torch, deepspeed, peft, datasets or transformers
+(README, "CLI speed"; tests/test_imports.py holds it). Before any library is imported, every rank but 0 is told
+to print no progress bars and no warnings (runtime/dist.py `quiet_other_ranks`).
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from exert_ds.config import load_config, parse_yaml
 from exert_ds.errors import ConfigError
-from exert_ds.evaluation.evaluate import add_eval_parser, eval_command
-from exert_ds.runtime.dist import shutdown_distributed
-from exert_ds.storage.export import add_export_parser, export_command
-from exert_ds.storage.inspection import add_inspect_parser, inspect_command
+
+DESCRIPTION = (
+    "EfficientXpert (ForeSight Mask + Partial Brain Surgeon) inside DeepSpeed ZeRO-3. Start the distributed "
+    "commands with a launcher: deepspeed, torchrun, mpirun or srun (see launch/)."
+)
+TRAIN_HELP = "LoRA fine-tuning under ZeRO-3 with the EfficientXpert prune schedule; writes the sparse expert"
+PRUNE_HELP = "one-shot prune event (foresight, wanda, magnitude, sparsegpt) on a dense model"
+EVAL_HELP = "labelled tasks, held-out perplexity and the sparsity report of a model, as one results JSON"
+EXPORT_HELP = (
+    "stream a sparse expert into a Hugging Face directory (safetensors shards + index, config, tokenizer) that "
+    "AutoModelForCausalLM.from_pretrained loads; checks every file's sha256 and every pruned row's zeros. One "
+    "process, no launcher; host memory about twice the largest tensor"
+)
+INSPECT_HELP = (
+    "print what a training checkpoint or a sparse expert holds: step, prune events done, measured sparsity per "
+    "role (from the stored bitmasks), world size, files with sizes, and the sha256 check of every file; exit "
+    "status 1 if any file is missing, truncated or altered"
+)
+VERBOSE_HELP = "also print DeepSpeed's INFO lines (default: its warnings and errors, on rank 0 only)"
 
 
 def _overrides(pairs: list[str]) -> dict:
     """`--set prune.sparsity=0.4` pairs → {"prune.sparsity": 0.4} (values parsed as YAML scalars)."""
+    from exert_ds.config import parse_yaml
+
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -25,16 +47,18 @@ def _overrides(pairs: list[str]) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="exert-ds",
-        description="EfficientXpert (ForeSight Mask + Partial Brain Surgeon) inside DeepSpeed ZeRO-3. Start the "
-        "distributed commands with a launcher: deepspeed, torchrun, mpirun or srun (see launch/).",
-    )
+    parser = argparse.ArgumentParser(prog="exert-ds", description=DESCRIPTION)
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher's
+    parser.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
+    def command(name: str, help_text: str, **kwargs) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text, **kwargs)
+        p.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
+        return p
+
     def with_config(name: str, help_text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = command(name, help_text)
         p.add_argument(
             "--config", required=True, help="run YAML (model, lora, deepspeed, data, calibration, prune, pbs, train)"
         )
@@ -47,46 +71,85 @@ def build_parser() -> argparse.ArgumentParser:
         )
         return p
 
-    train = with_config(
-        "train", "LoRA fine-tuning under ZeRO-3 with the EfficientXpert prune schedule; writes the sparse expert"
-    )
+    train = with_config("train", TRAIN_HELP)
     train.add_argument(
         "--resume",
         default=None,
         metavar="auto|PATH",
         help="continue from a checkpoint: 'auto' = output_dir/checkpoints/latest if there is one, or a checkpoint dir",
     )
-    prune = with_config("prune", "one-shot prune event (foresight, wanda, magnitude, sparsegpt) on a dense model")
+    prune = with_config("prune", PRUNE_HELP)
     prune.add_argument("--adapter", default=None, help="a trained PEFT adapter directory to merge before pruning")
-    add_eval_parser(sub)
-    add_export_parser(sub)
-    add_inspect_parser(sub)
+    # eval's flags are its settings dataclass (evaluation/evaluate.py, read by HfArgumentParser), parsed when it runs
+    command("eval", EVAL_HELP, add_help=False, allow_abbrev=False)
+    export = command("export", EXPORT_HELP)
+    export.add_argument(
+        "--ckpt",
+        required=True,
+        metavar="DIR",
+        help="the expert directory a run writes (output_dir/expert), or the run's output_dir",
+    )
+    export.add_argument("--out", required=True, metavar="HF_DIR", help="the Hugging Face directory to write")
+    export.add_argument(
+        "--max-shard-size",
+        default="5GB",
+        metavar="SIZE",
+        help="largest safetensors shard, e.g. 5GB, 500MB (default 5GB); one model.safetensors when it fits",
+    )
+    export.add_argument("--overwrite", action="store_true", help="replace HF_DIR if it exists and is not empty")
+    inspect = command("inspect", INSPECT_HELP)
+    inspect.add_argument(
+        "path",
+        metavar="CKPT",
+        help="output_dir/checkpoints/step-… (a training checkpoint), output_dir/checkpoints (its latest) or "
+        "output_dir/expert (the sparse expert)",
+    )
     return parser
+
+
+def run_command(args: argparse.Namespace, rest: list[str]) -> int:
+    """Import the command's module and run it; its exit status."""
+    if args.command == "inspect":
+        from exert_ds.storage.inspection import inspect_command
+
+        return inspect_command(args)
+    if args.command == "export":
+        from exert_ds.storage.export import export_command
+
+        return export_command(args)
+    if args.command == "eval":
+        from exert_ds.evaluation.evaluate import eval_command
+
+        return eval_command(rest, verbose=args.verbose)
+    from exert_ds.config import load_config
+
+    cfg = load_config(args.config, _overrides(args.set))
+    from exert_ds.runtime.dist import launched_rank, set_verbosity, shutdown_distributed
+    from exert_ds.train import trainer  # torch, deepspeed and peft once the config is known to be good
+
+    set_verbosity(args.verbose, launched_rank())
+    if args.command == "train":
+        trainer.train(cfg, resume=args.resume)
+    else:
+        trainer.prune_once(cfg, adapter=args.adapter)
+    shutdown_distributed()
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "eval":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command is None:
         parser.print_help()
         return 2
-    try:
-        if args.command == "eval":
-            return eval_command(args)
-        if args.command == "export":
-            return export_command(args)
-        if args.command == "inspect":
-            return inspect_command(args)
-        cfg = load_config(args.config, _overrides(args.set))
-        from exert_ds.train import trainer  # heavy imports (deepspeed) only once the config is known to be good
+    from exert_ds.runtime.dist import launched_rank, quiet_other_ranks
 
-        if args.command == "train":
-            trainer.train(cfg, resume=args.resume)
-        elif args.command == "prune":
-            trainer.prune_once(cfg, adapter=args.adapter)
-        shutdown_distributed()
+    quiet_other_ranks(launched_rank())
+    try:
+        return run_command(args, rest)
     except ConfigError as err:  # bad input: one line, same on every rank
         message = " ".join(str(err).split())
         print(f"exert-ds: error: {message}", file=sys.stderr)
         return 2
-    return 0

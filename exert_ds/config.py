@@ -14,21 +14,16 @@ import json
 import re
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 
-from exert_ds.data import DataSource
 from exert_ds.errors import ConfigError
-from exert_ds.model.architecture import LLAMA_LIKE_ROLES
-from exert_ds.prune.foresight import ROLES
 from exert_ds.prune.pattern import pattern_problem
-from exert_ds.prune.pbs import MatmulPrecision
-from exert_ds.prune.scorers import SCORERS
-from exert_ds.runtime.access import ResetPolicy
+from exert_ds.roles import LLAMA_LIKE_ROLES, ROLES
 
 BOOKKEEPING_KEYS = ("log_every", "save_every_steps", "keep_checkpoints")  # train.* keys a resume may change
 
@@ -81,10 +76,18 @@ class Bounds:
 
 @dataclass(frozen=True)
 class OneOf:
-    """A string key whose choices live in a registry, read when the key is checked: `Annotated[str, OneOf(SCORERS)]`
-    accepts every name registered by then."""
+    """A string key whose choices live in a registry, read when the key is checked:
+    `Annotated[str, OneOf(scorer_registry)]` accepts every name registered by then. `registry` is a function that
+    returns the mapping, so that this module imports no registry (and no torch) until a config is checked."""
 
-    registry: Mapping[str, Any]
+    registry: Callable[[], Mapping[str, Any]]
+
+
+def scorer_registry() -> Mapping[str, Any]:
+    """prune/scorers.py's SCORERS (name → Scorer class), imported when first needed."""
+    from exert_ds.prune.scorers import SCORERS
+
+    return SCORERS
 
 
 def _num(value: float) -> str:
@@ -94,7 +97,31 @@ def _num(value: float) -> str:
 Positive = Annotated[int, Bounds(gt=0)]
 Dtype = Literal["float32", "bfloat16", "float16"]
 PbsMode = Literal["hessian", "reference", "off"]
-ScorerName = Annotated[str, OneOf(SCORERS)]  # every registered scorer (prune/scorers.py)
+ScorerName = Annotated[str, OneOf(scorer_registry)]  # every registered scorer (prune/scorers.py)
+MatmulPrecision = Literal["highest", "high"]  # torch.set_float32_matmul_precision's names: float32, TF32 on CUDA
+ResetPolicy = Literal["none", "zero", "keep_v"]  # `train.reset_after_prune` (algorithm.md §5)
+DataFormat = Literal["text", "instruction"]  # a data source's `format`
+DATA_FORMATS: tuple[str, ...] = typing.get_args(DataFormat)
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """One entry of `data.train` / `calibration.sources` in the run YAML.
+
+    Templates are format strings over the record's fields; `{prompt}` and `{response}` read `prompt_field`
+    and `response_field`. `split` picks a hub split; local files load whole, select rows with `filter`.
+    """
+
+    path: str
+    format: str = "text"
+    text_field: str = "text"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    prompt_template: str = "{prompt}\n"
+    response_template: str = "{response}"
+    split: str = "train"
+    filter: dict[str, str] | None = None
+    max_records: int | None = None
 
 
 @dataclass
@@ -237,8 +264,8 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         for rule in constraints:
             if isinstance(rule, Bounds) and not rule.holds(value):
                 raise ConfigError(f"config key '{path}' must be {rule.describe()}, got {value}")
-            if isinstance(rule, OneOf) and value not in rule.registry:
-                raise ConfigError(f"config key '{path}' must be {_choices(tuple(rule.registry))}, got {value!r}")
+            if isinstance(rule, OneOf) and value not in rule.registry():
+                raise ConfigError(f"config key '{path}' must be {_choices(tuple(rule.registry()))}, got {value!r}")
         return value
     if origin is Literal:
         options = typing.get_args(tp)
@@ -309,11 +336,11 @@ def _check_pruning(cfg: RunConfig) -> None:
     p = cfg.prune
     _check(not pattern_problem(p.sparsity, p.n, p.m), pattern_problem(p.sparsity, p.n, p.m))
     _check(
-        not (SCORERS[p.scorer].updates_weights and cfg.pbs.mode != "off"),
+        not (scorer_registry()[p.scorer].updates_weights and cfg.pbs.mode != "off"),
         f"prune.scorer '{p.scorer}' updates the weights itself: set 'pbs.mode: off'",
     )
     _check(
-        not (SCORERS[p.scorer].updates_weights and p.reconstruct != "none"),
+        not (scorer_registry()[p.scorer].updates_weights and p.reconstruct != "none"),
         f"prune.scorer '{p.scorer}' updates the weights itself: set 'prune.reconstruct: none'",
     )
     _check(
@@ -349,7 +376,7 @@ def validate(cfg: RunConfig, base_dir: Path) -> None:
     )
     for i, source in enumerate(cfg.data.train + cfg.calibration.sources):
         _check(
-            source.format in ("text", "instruction"),
+            source.format in DATA_FORMATS,
             f"data source {i} ({source.path}): format must be 'text' or 'instruction', got {source.format!r}",
         )
     _resolve_local_paths(cfg, base_dir)
@@ -363,7 +390,7 @@ def _check_lora(cfg: RunConfig) -> None:
         f"config key 'lora.r' must be a positive int, got {r!r}",
     )
     targets = cfg.lora.get("target_modules")
-    if targets is None or not (cfg.prune.enabled and SCORERS[cfg.prune.scorer].needs_all_roles):
+    if targets is None or not (cfg.prune.enabled and scorer_registry()[cfg.prune.scorer].needs_all_roles):
         return
     names = {role: path.rsplit(".", 1)[-1] for role, path in LLAMA_LIKE_ROLES.items()}
     missing = [names[role] for role in ROLES if names[role] not in targets]

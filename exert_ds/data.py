@@ -16,30 +16,11 @@ import pyarrow.compute as pc
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from exert_ds.config import DATA_FORMATS, DataSource
+
 BUILDERS = {".jsonl": "json", ".jsonl.gz": "json", ".json": "json", ".parquet": "parquet"}
-FORMATS = ("text", "instruction")
 IGNORE_INDEX = -100  # label of tokens without loss (the default ignore_index of torch's cross entropy)
 COLUMNS = ("input_ids", "labels", "attention_mask")
-
-
-@dataclass(frozen=True)
-class DataSource:
-    """One entry of `data.train` / `calibration.sources` in the run YAML.
-
-    Templates are format strings over the record's fields; `{prompt}` and `{response}` read `prompt_field`
-    and `response_field`. `split` picks a hub split; local files load whole, select rows with `filter`.
-    """
-
-    path: str
-    format: str = "text"
-    text_field: str = "text"
-    prompt_field: str = "prompt"
-    response_field: str = "response"
-    prompt_template: str = "{prompt}\n"
-    response_template: str = "{response}"
-    split: str = "train"
-    filter: dict[str, str] | None = None
-    max_records: int | None = None
 
 
 @dataclass
@@ -188,7 +169,7 @@ def _local_files(source: DataSource) -> tuple[str, list[str]] | None:
 
 def _templates(source: DataSource) -> dict[str, tuple[str, dict[str, str]]]:
     """Output column → (template, placeholder → record field); text is the template '{text}' over text_field."""
-    if source.format not in FORMATS:
+    if source.format not in DATA_FORMATS:
         raise ValueError(f"data source {source.path}: format must be 'text' or 'instruction', got {source.format!r}")
     if source.format == "text":
         return {"text": ("{text}", {"text": source.text_field})}

@@ -11,6 +11,7 @@
 #        NPROC          ranks per node (default: GPUs listed by nvidia-smi, else 1; with a HOSTFILE: its slots)
 #        MASTER_ADDR    rank 0's address (default: 127.0.0.1, or the hostfile's first host)
 #        MASTER_PORT    rendezvous port (default 29500)
+#        DS_LOG_LEVEL   the launcher's own log level (default warning; info shows its start-up lines)
 set -euo pipefail
 config=${1:?usage: launch/deepspeed.sh CONFIG [HOSTFILE] [ARGS...]}
 shift
@@ -18,7 +19,7 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 export PYTHONPATH=$repo${PYTHONPATH:+:$PYTHONPATH}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # NVLink multicast off
 gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
-launcher=(deepspeed --master_port "${MASTER_PORT:-29500}")
+launcher=(deepspeed --log_level "${DS_LOG_LEVEL:-warning}" --master_port "${MASTER_PORT:-29500}")
 [[ -n ${MASTER_ADDR:-} ]] && launcher+=(--master_addr "$MASTER_ADDR")
 if [[ $# -gt 0 && $1 != -* ]]; then
   launcher+=(--hostfile "$1")

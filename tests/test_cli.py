@@ -1,4 +1,4 @@
-"""exert_ds.cli's process hygiene: the shared-memory buffer DeepSpeed's CPU all-reduce leaves is removed."""
+"""exert_ds.cli's process hygiene: DeepSpeed's leftover shared-memory buffer is removed; only rank 0 speaks."""
 
 import os
 from pathlib import Path
@@ -23,3 +23,45 @@ def test_removes_only_this_ranks_deepspeed_shm_buffer(monkeypatch):
     finally:
         mine.unlink(missing_ok=True)
         peer.unlink(missing_ok=True)
+
+
+QUIET_PROBE = """
+import sys, warnings
+from exert_ds.runtime.dist import quiet_other_ranks
+quiet_other_ranks(int(sys.argv[1]))
+import datasets
+from tqdm.auto import tqdm
+from transformers.utils import logging
+datasets.Dataset.from_dict({"a": list(range(3))}).map(lambda b: b, batched=True, desc="tokenizing")
+for _ in tqdm(range(3), desc="some bar"):
+    pass
+warnings.warn("a library warning")
+logging.get_logger("transformers").warning("a transformers warning")
+"""
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_only_rank_zero_prints_bars_and_warnings(rank):
+    """quiet_other_ranks, called before the libraries are imported (as the CLI does): on rank 1 no dataset or tqdm
+    bar, no Python warning and no transformers warning; rank 0 prints all of them."""
+    import subprocess
+    import sys
+
+    err = subprocess.run(
+        [sys.executable, "-c", QUIET_PROBE, str(rank)], capture_output=True, text=True, check=True
+    ).stderr
+    printed = [text in err for text in ("tokenizing", "some bar", "a library warning", "a transformers warning")]
+    assert printed == [rank == 0] * 4, err
+
+
+def test_deepspeed_speaks_info_only_when_verbose():
+    from deepspeed.utils import logger
+
+    from exert_ds.runtime.dist import set_verbosity
+
+    levels = []
+    for verbose, rank in ((False, 0), (True, 0), (False, 1)):
+        set_verbosity(verbose, rank)
+        levels.append((logger.level, logger.handlers[0].level))
+    set_verbosity(False, 0)
+    assert levels == [(30, 30), (20, 20), (40, 40)]  # WARNING, INFO, ERROR

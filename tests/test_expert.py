@@ -18,16 +18,11 @@ from exert_ds.errors import ConfigError
 from exert_ds.model.lora import attach_lora
 from exert_ds.storage import sparse_codec
 from exert_ds.storage.checkpoint import unpack_sparse
-from exert_ds.storage.expert import (
-    MANIFEST,
-    check_promise,
-    expert_tensors,
-    is_expert_dir,
-    pruned_roles,
-    rank_file,
-    write_expert,
-)
+from exert_ds.storage.expert import check_promise, expert_tensors, pruned_roles, write_expert
 from exert_ds.storage.export import export_expert
+from exert_ds.storage.manifest import EXPERT_MANIFEST as MANIFEST
+from exert_ds.storage.manifest import expert_rank_file as rank_file
+from exert_ds.storage.manifest import is_expert_dir
 from exert_ds.storage.safetensors_stream import SafetensorsStream
 from tests.fixtures import READ_ONLY, run_yaml, save_tokenizer, small_tmpfs
 from tests.launch import deepspeed_cpu

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from exert_ds.model.architecture import LLAMA_LIKE_ROLES
+from exert_ds.roles import LLAMA_LIKE_ROLES
 from tests.fixtures import run_yaml
 from tests.launch import REPO, deepspeed_cpu, torchrun_cpu
 
@@ -110,3 +110,31 @@ def test_prune_with_trained_adapter_equals_one_process(tmp_path):
     for name, w in got.items():
         assert torch.equal(w != 0, want[name] != 0), name
         assert float((w - want[name]).norm() / want[name].norm()) <= 1e-5, name
+
+
+def test_adapter_loads_into_zero3_partitioned_lora_on_two_ranks_as_on_one(tmp_path):
+    """trainer.load_adapter_weights (PEFT's set_peft_model_state_dict) on LoRA already partitioned by ZeRO-3: the
+    gathered LoRA equals the adapter file on 2 ranks and on 1; an adapter of another rank r stops both ranks with
+    the same one line."""
+    from peft.utils import load_peft_weights
+
+    from tests.tiny_models import tiny_lora_model
+
+    tiny_lora_model("llama-odd", r=4, seed=1).save_pretrained(tmp_path / "adapter")
+    tiny_lora_model("llama-odd", r=8, seed=1).save_pretrained(tmp_path / "wide")
+    saved = load_peft_weights(str(tmp_path / "adapter"))
+    worker = str(REPO / "tests" / "workers" / "adapter_load.py")
+    got = {}
+    for ranks in (1, 2):
+        out = tmp_path / f"lora{ranks}.pt"
+        deepspeed_cpu([worker, "--adapter", str(tmp_path / "adapter"), "--out", str(out)], ranks=ranks)
+        got[ranks] = torch.load(out)
+    assert len(got[2]) == len(saved) == 2 * 7 * 2
+    for name, value in got[2].items():
+        key = name.replace(".default.weight", ".weight")
+        assert torch.equal(value, saved[key]), name
+        assert torch.equal(value, got[1][name]), name
+    out = tmp_path / "wide.pt"
+    deepspeed_cpu([worker, "--adapter", str(tmp_path / "wide"), "--out", str(out)], ranks=2)
+    errors = [out.with_suffix(f".rank{r}.txt").read_text() for r in (0, 1)]
+    assert errors[0] == errors[1] and "does not match this model's LoRA" in errors[0] and "\n" not in errors[0]

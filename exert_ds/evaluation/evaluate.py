@@ -8,7 +8,6 @@ can be evaluated. Metrics are computed from the gathered per-example scores and 
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import platform
@@ -51,29 +50,69 @@ PERPLEXITY_SETS: dict[str, PerplexitySet] = {
 }
 
 
+def _flag(help_text: str, **argparse_kwargs: Any) -> dict[str, Any]:
+    """A field's `metadata`: HfArgumentParser passes it to `add_argument` (help, metavar, action)."""
+    return {"help": help_text, **argparse_kwargs}
+
+
 @dataclass
 class EvalSettings:
-    """What `exert-ds eval` was asked to do (the CLI's flags)."""
+    """What `exert-ds eval` was asked to do. Each field is one flag (`--max-examples` for `max_examples`), made by
+    transformers' HfArgumentParser from the field's type, default and metadata (`exert-ds eval --help`)."""
 
-    model: str
-    tasks: list[str]
-    out: str
-    data_dir: str | None = None
-    task_data: dict[str, str] = field(default_factory=dict)
-    perplexity: list[str] = field(default_factory=list)
-    max_examples: int | None = None
-    max_length: int = 1024
-    micro_batch: int = 8
-    window: int = 512
-    max_windows: int | None = None
-    deepspeed: str | None = None
-    expect_sparsity: float | None = None
-    sparsity_tolerance: float = 0.01
-    dtype: str = "float32"
-    tokenizer: str | None = None
-    seed: int = 0
-    bootstrap: int = 1000
-    save_scores: bool = False
+    model: str = field(metadata=_flag("HF directory, hub name, .gguf file or sparse expert directory"))
+    out: str = field(metadata=_flag("results JSON to write"))
+    tasks: list[str] = field(
+        default_factory=list, metadata=_flag(f"comma-separated tasks: {', '.join(TASKS)}", metavar="TASKS")
+    )
+    data_dir: str | None = field(
+        default=None, metadata=_flag(f"folder of the task data (none: {DEFAULT_DATA_DIR} if it exists)")
+    )
+    task_data: list[str] = field(
+        default_factory=list,
+        metadata=_flag(
+            "read one task from this file, folder or hub name instead (repeatable)",
+            metavar="TASK=PATH",
+            action="extend",
+        ),
+    )
+    perplexity: list[str] = field(
+        default_factory=list,
+        metadata=_flag(
+            f"held-out text: a preset ({', '.join(PERPLEXITY_SETS)}) or NAME=PATH[:FIELD] (repeatable)",
+            metavar="SET",
+            action="extend",
+        ),
+    )
+    max_examples: int | None = field(default=None, metadata=_flag("per task, a seeded subset of this many examples"))
+    max_length: int = field(default=1024, metadata=_flag("tokens per scored sequence (prompt cut from the left)"))
+    micro_batch: int = field(default=8, metadata=_flag("sequences (or windows) per forward"))
+    window: int = field(default=512, metadata=_flag("perplexity window in tokens"))
+    max_windows: int | None = field(default=None, metadata=_flag("perplexity: the first N windows of each set"))
+    deepspeed: str | None = field(
+        default=None, metadata=_flag("a ZeRO stage-3 DeepSpeed JSON: run as a ZeRO-3 inference engine")
+    )
+    expect_sparsity: float | None = field(default=None, metadata=_flag("check every pruned matrix holds this sparsity"))
+    sparsity_tolerance: float = field(default=0.01, metadata=_flag("zeros allowed above the promise"))
+    dtype: str = field(default="float32", metadata=_flag("torch dtype to load the model in"))
+    tokenizer: str | None = field(default=None, metadata=_flag("tokenizer (none: the model's own)"))
+    seed: int = field(default=0, metadata=_flag("seed of --max-examples and the bootstrap"))
+    bootstrap: int = field(default=1000, metadata=_flag("bootstrap resamples of the 95%% interval"))
+    save_scores: bool = field(default=False, metadata=_flag("also write per-example predictions and log-likelihoods"))
+
+    def __post_init__(self) -> None:
+        # `--tasks a,b` (as it always was) and `--tasks a b` both give [a, b]
+        self.tasks = [name.strip() for item in self.tasks for name in item.split(",") if name.strip()]
+
+    def task_paths(self) -> dict[str, str]:
+        """`--task-data TASK=PATH` pairs as task → path."""
+        out = {}
+        for pair in self.task_data:
+            name, sep, path = pair.partition("=")
+            if not sep or not path:
+                raise ConfigError(f"--task-data {pair!r}: expected TASK=PATH")
+            out[name] = path
+        return out
 
 
 def perplexity_set(spec: str) -> PerplexitySet:
@@ -123,7 +162,7 @@ def check_settings(settings: EvalSettings) -> None:
     """Everything that can be checked before a process group or a model exists."""
     for name in settings.tasks:
         get_task(name)
-    for name in settings.task_data:
+    for name in settings.task_paths():
         get_task(name)
     for spec in settings.perplexity:
         perplexity_set(spec)
@@ -192,7 +231,7 @@ def run_eval(settings: EvalSettings) -> dict[str, Any]:
     data_dir = resolve_data_dir(settings)
     # Data first: a missing file or bad field stops here, before the (long) model load.
     task_examples = [
-        load_task(get_task(n), data_dir, settings.task_data.get(n), settings.max_examples, settings.seed)
+        load_task(get_task(n), data_dir, settings.task_paths().get(n), settings.max_examples, settings.seed)
         for n in settings.tasks
     ]
     runtime = open_model(
@@ -245,81 +284,30 @@ def run_eval(settings: EvalSettings) -> dict[str, Any]:
     return results
 
 
-def add_eval_parser(sub: argparse._SubParsersAction) -> None:
-    """The `exert-ds eval` subcommand and its flags (cli.py calls this)."""
-    p = sub.add_parser(
-        "eval",
-        help="labelled tasks, held-out perplexity and the sparsity report of a model, as one results JSON",
-        description="Evaluate a model (HF directory, hub name, .gguf) on labelled tasks by label log-likelihood, "
-        "held-out perplexity and its measured sparsity. Under a launcher each rank takes a slice; with --deepspeed "
-        "(ZeRO stage 3) the model is partitioned across ranks.",
+def parse_settings(argv: list[str]) -> EvalSettings:
+    """`exert-ds eval`'s flags → EvalSettings, by transformers' HfArgumentParser (bad flags: argparse's usage
+    line and exit status 2, as for every subcommand)."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(
+        EvalSettings,
+        prog="exert-ds eval",
+        description="Evaluate a model (HF directory, hub name, .gguf, sparse expert) on labelled tasks by label "
+        "log-likelihood, held-out perplexity and its measured sparsity. Under a launcher each rank takes a slice; "
+        "with --deepspeed (ZeRO stage 3) the model is partitioned across ranks.",
     )
-    p.add_argument("--model", required=True, help="HF directory, hub name or .gguf file")
-    p.add_argument("--tasks", default="", help=f"comma-separated tasks: {', '.join(TASKS)}")
-    p.add_argument("--out", required=True, help="results JSON to write")
-    p.add_argument("--data-dir", default=None, help=f"folder of the task data (default {DEFAULT_DATA_DIR} if present)")
-    p.add_argument(
-        "--task-data",
-        action="append",
-        default=[],
-        metavar="TASK=PATH",
-        help="read one task from this file, folder or hub name instead (repeatable)",
-    )
-    p.add_argument(
-        "--perplexity",
-        action="append",
-        default=[],
-        metavar="SET",
-        help=f"held-out text: a preset ({', '.join(PERPLEXITY_SETS)}) or NAME=PATH[:FIELD] (repeatable)",
-    )
-    p.add_argument("--max-examples", type=int, default=None, help="per task, a seeded subset of this many examples")
-    p.add_argument("--max-length", type=int, default=1024, help="tokens per scored sequence (prompt cut from the left)")
-    p.add_argument("--micro-batch", type=int, default=8, help="sequences (or windows) per forward")
-    p.add_argument("--window", type=int, default=512, help="perplexity window in tokens")
-    p.add_argument("--max-windows", type=int, default=None, help="perplexity: the first N windows of each set")
-    p.add_argument("--deepspeed", default=None, help="a ZeRO stage-3 DeepSpeed JSON: run as a ZeRO-3 inference engine")
-    p.add_argument("--expect-sparsity", type=float, default=None, help="check every pruned matrix holds this sparsity")
-    p.add_argument("--sparsity-tolerance", type=float, default=0.01, help="zeros allowed above the promise")
-    p.add_argument("--dtype", default="float32", help="torch dtype to load the model in")
-    p.add_argument("--tokenizer", default=None, help="tokenizer (default: the model's)")
-    p.add_argument("--seed", type=int, default=0, help="seed of --max-examples and the bootstrap")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the 95%% interval")
-    p.add_argument("--save-scores", action="store_true", help="also write per-example predictions and log-likelihoods")
+    (settings,) = parser.parse_args_into_dataclasses(argv, look_for_args_file=False)
+    return settings
 
 
-def settings_from_args(args: argparse.Namespace) -> EvalSettings:
-    task_data = {}
-    for pair in args.task_data:
-        name, sep, path = pair.partition("=")
-        if not sep or not path:
-            raise ConfigError(f"--task-data {pair!r}: expected TASK=PATH")
-        task_data[name] = path
-    return EvalSettings(
-        model=args.model,
-        tasks=[t.strip() for t in args.tasks.split(",") if t.strip()],
-        out=args.out,
-        data_dir=args.data_dir,
-        task_data=task_data,
-        perplexity=args.perplexity,
-        max_examples=args.max_examples,
-        max_length=args.max_length,
-        micro_batch=args.micro_batch,
-        window=args.window,
-        max_windows=args.max_windows,
-        deepspeed=args.deepspeed,
-        expect_sparsity=args.expect_sparsity,
-        sparsity_tolerance=args.sparsity_tolerance,
-        dtype=args.dtype,
-        tokenizer=args.tokenizer,
-        seed=args.seed,
-        bootstrap=args.bootstrap,
-        save_scores=args.save_scores,
-    )
+def eval_command(argv: list[str], verbose: bool = False) -> int:
+    """Run `exert-ds eval` with its flags `argv`; exit status 1 (after writing the results) when the sparsity
+    promise is broken. `verbose`: DeepSpeed's INFO lines too."""
+    from exert_ds.runtime.dist import launched_rank, set_verbosity
 
-
-def eval_command(args: argparse.Namespace) -> int:
-    """Run `exert-ds eval`; exit status 1 (after writing the results) when the sparsity promise is broken."""
-    results = run_eval(settings_from_args(args))
+    settings = parse_settings(argv)
+    set_verbosity(verbose, launched_rank())
+    results = run_eval(settings)
     check = results["sparsity"].get("check")
     if check and not check["passed"]:
         shown = "; ".join(check["failures"][:5])

@@ -23,8 +23,8 @@ from exert_ds.model.loading import load_model, load_tokenizer
 from exert_ds.runtime.dist import init_distributed, launched_world_size, shutdown_distributed
 from exert_ds.runtime.ds_config import load_ds_config
 from exert_ds.runtime.zero3 import Zero3Backend
-from exert_ds.storage.expert import is_expert_dir
 from exert_ds.storage.expert_model import load_expert_model
+from exert_ds.storage.manifest import is_expert_dir
 
 
 @dataclass
@@ -96,10 +96,6 @@ def open_model(cfg: ModelConfig, deepspeed_config: str | None) -> Runtime:
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
         init_distributed()
     rank = dist.get_rank() if dist.is_initialized() else 0
-    if rank != 0:
-        import datasets
-
-        datasets.disable_progress_bars()
     kind = model_kind(cfg.name_or_path)
     keep: list[Any] = []
     promised = None

@@ -6,6 +6,10 @@ stay. Sequences are sorted by length and cut into global micro-batches in one fi
 batches r, r + world, ..., so a batch holds the same rows, padding included, at any world size and every
 score is bit-identical to one process. Under ZeRO-3 every forward is collective: ranks with fewer batches
 repeat a batch and drop its result, so all make the same number of calls.
+
+Kept by hand because lm-eval (0.4), which computes the same summed label log-likelihood for its `loglikelihood`
+requests, runs its own model object (HFLM): every rank holds the whole model and batches its own share of the
+requests. It cannot drive a ZeRO-3 engine, whose forwards need every rank in the same call.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from exert_ds.model.architecture import block_linears, decoder_layers
-from exert_ds.prune.foresight import ROLES
+from exert_ds.roles import ROLES
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]  # in-place sum over ranks
 

@@ -10,26 +10,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from exert_ds.prune.foresight import ROLES
-
-# role → attribute path inside one decoder layer (LLaMA, Mistral, Qwen2 and Qwen3 share these names)
-LLAMA_LIKE_ROLES: dict[str, str] = {
-    "q": "self_attn.q_proj",
-    "k": "self_attn.k_proj",
-    "v": "self_attn.v_proj",
-    "o": "self_attn.o_proj",
-    "gate": "mlp.gate_proj",
-    "up": "mlp.up_proj",
-    "down": "mlp.down_proj",
-}
-ROLE_TABLES: dict[str, dict[str, str]] = {
-    "llama": LLAMA_LIKE_ROLES,
-    "mistral": LLAMA_LIKE_ROLES,
-    "qwen2": LLAMA_LIKE_ROLES,
-    "qwen3": LLAMA_LIKE_ROLES,
-}
-# Roles that read the same input tensor: their statistics (E, H) are collected once per group.
-STAT_GROUP: dict[str, str] = {"q": "q", "k": "q", "v": "q", "o": "o", "gate": "gate", "up": "gate", "down": "down"}
+from exert_ds.roles import ROLE_TABLES, ROLES
 
 
 @dataclass(frozen=True)

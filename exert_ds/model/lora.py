@@ -15,7 +15,7 @@ from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 
 from exert_ds.model.architecture import block_linears, target_module_names
-from exert_ds.prune.foresight import ROLES
+from exert_ds.roles import ROLES
 
 
 def attach_lora(model: nn.Module, lora_kwargs: dict, roles: tuple[str, ...] = ROLES) -> nn.Module:

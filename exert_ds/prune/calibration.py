@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from exert_ds.model.architecture import STAT_GROUP, decoder_layers, decoder_stack
+from exert_ds.model.architecture import decoder_layers, decoder_stack
+from exert_ds.roles import STAT_GROUP
 
 
 class _CaughtBlockInput(Exception):

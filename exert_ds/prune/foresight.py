@@ -27,8 +27,7 @@ import torch
 from torch import Tensor
 
 from exert_ds.prune.pattern import check_pattern, pruned_per_row
-
-ROLES: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
+from exert_ds.roles import ROLES
 
 
 @dataclass(frozen=True)

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Literal
 
 import torch
 from torch import Tensor
 
+from exert_ds.config import MatmulPrecision
+
 _CHUNK_ELEMENTS = 1 << 26  # bound for a chunk's rows × r × in intermediate (256 MiB in float32)
-MatmulPrecision = Literal["highest", "high"]  # torch.set_float32_matmul_precision's names: float32, TF32 on CUDA
 
 
 @contextmanager

@@ -9,15 +9,14 @@ partitions with the same interface, so both paths run the same tensor math.
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
-from typing import Literal, Protocol, get_args
+from typing import Protocol, get_args
 
 import torch
 from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 
+from exert_ds.config import ResetPolicy
 from exert_ds.model.lora import lora_parts
-
-ResetPolicy = Literal["none", "zero", "keep_v"]  # `train.reset_after_prune` (algorithm.md §5)
 
 
 class LinearAccess(Protocol):

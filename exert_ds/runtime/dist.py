@@ -1,9 +1,21 @@
-"""Process-group start and stop for every launcher (deepspeed, torchrun, mpirun, SLURM), and their hygiene."""
+"""Process-group start and stop for every launcher (deepspeed, torchrun, mpirun, SLURM), and their hygiene: what
+each rank prints, and the shared memory DeepSpeed leaves behind."""
 
 from __future__ import annotations
 
 import os
+import sys
+import warnings
 from pathlib import Path
+
+# Read by the libraries when they are imported: set before, on every rank but 0 (quiet_other_ranks).
+QUIET_ENV = {
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",  # datasets' map/load bars
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # downloads, and transformers' own bars (loading weights)
+    "TQDM_DISABLE": "1",  # any other tqdm bar whose code does not pass `disable` itself (tqdm ≥ 4.66)
+    "TRANSFORMERS_VERBOSITY": "error",
+    "DATASETS_VERBOSITY": "error",
+}
 
 
 def launched_world_size() -> int:
@@ -14,6 +26,51 @@ def launched_world_size() -> int:
     return 1
 
 
+def launched_rank() -> int:
+    """This process's global rank as the launcher announces it, before init (0 without a launcher)."""
+    for key in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"):
+        if os.environ.get(key):
+            return int(os.environ[key])
+    return 0
+
+
+def quiet_other_ranks(rank: int) -> None:
+    """Only rank 0 speaks: on every other rank, no progress bars (datasets, huggingface_hub, transformers, tqdm)
+    and no Python warnings or library INFO/WARNING lines, which are the same on every rank. Call it before the
+    libraries are imported (the CLI does, from the launcher's environment); for those already imported it also
+    switches their bars off directly."""
+    if rank == 0:
+        return
+    os.environ.update(QUIET_ENV)
+    warnings.simplefilter("ignore")
+    if "datasets" in sys.modules:
+        import datasets
+
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity_error()
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+        transformers_logging.set_verbosity_error()
+
+
+def set_verbosity(verbose: bool, rank: int) -> None:
+    """What the libraries print. DeepSpeed's logger: INFO with `--verbose`, else WARNING on rank 0 and ERROR on the
+    others (a DeepSpeed config's own `log_level` key still applies once the engine is built). Without `--verbose`,
+    the deprecation notices torch, transformers, deepspeed and peft raise about each other's calls (FutureWarning)
+    are not shown: a user can do nothing about them."""
+    from deepspeed.utils.logging import set_log_level_from_string
+
+    set_log_level_from_string("info" if verbose else "warning" if rank == 0 else "error")
+    if not verbose:
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"(torch|transformers|deepspeed|peft)(\.|$)")
+
+
 def init_distributed() -> None:
     """Start the process group: NCCL on GPUs, gloo on CPU; MPI discovery when started by bare mpirun."""
     import deepspeed
@@ -22,6 +79,7 @@ def init_distributed() -> None:
     backend = "gloo" if get_accelerator().device_name() == "cpu" else None
     mpi = "OMPI_COMM_WORLD_SIZE" in os.environ and "MASTER_ADDR" not in os.environ
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=mpi)
+    quiet_other_ranks(deepspeed.comm.get_rank())
     if get_accelerator().device_name() != "cpu":
         get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))
 

@@ -11,7 +11,6 @@ DeepSpeed; at another one each rank re-cuts the per-rank files through the manif
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -45,20 +44,25 @@ from exert_ds.storage.atomic import (
     WriteError,
     fsync_path,
     publish,
-    sha256_file,
     torch_save,
     write_error,
     write_errors,
 )
 from exert_ds.storage.base_model import base_model_difference
+from exert_ds.storage.manifest import CHECKPOINT_FORMAT_VERSION as FORMAT_VERSION
+from exert_ds.storage.manifest import CHECKPOINT_MANIFEST as MANIFEST
+from exert_ds.storage.manifest import (
+    LATEST,
+    MANIFEST_DIGEST,
+    checkpoint_rank_file,
+    complete_checkpoints,
+    manifest_digest,
+    sha256_file,
+)
+from exert_ds.storage.manifest import read_checkpoint_manifest as read_manifest
 
-MANIFEST = "manifest.json"
-LATEST = "latest"
 ENGINE_TAG = "engine"
-FORMAT_VERSION = 3
 MOMENTS = ("exp_avg", "exp_avg_sq")  # the Adam family's per-element state
-MANIFEST_DIGEST = "manifest_sha256"  # the manifest's own sha256 (of its other keys, canonical JSON)
-MANIFEST_KEYS = ("world_size", "micro_batch", "train_batch_size", "position", "params", "trainable", "files")
 
 
 @dataclass(frozen=True)
@@ -147,10 +151,6 @@ def _engine_scalars(engine) -> dict:
     }
 
 
-def _rank_file(rank: int) -> str:
-    return f"base-rank{rank:05d}.pt"
-
-
 def _owned_engine_files(folder: Path, rank: int) -> list[Path]:
     """DeepSpeed's files that `rank` wrote (zero_pp_rank_R_*); rank 0 also takes the shared ones."""
     files = sorted(p for p in folder.rglob("*") if p.is_file())
@@ -209,9 +209,9 @@ def save_checkpoint(
         "engine": _engine_scalars(engine),
     }
     with shared.catch():
-        torch_save(base, tmp / _rank_file(rank))
+        torch_save(base, tmp / checkpoint_rank_file(rank))
     shared.share()  # all files are written
-    mine = [tmp / _rank_file(rank), *_owned_engine_files(tmp, rank)]
+    mine = [tmp / checkpoint_rank_file(rank), *_owned_engine_files(tmp, rank)]
     hashes = {}
     with shared.catch():
         for path in mine:
@@ -298,53 +298,10 @@ class _recorded_engine_saves:
         del self.engine.__dict__["_copy_recovery_script"]
 
 
-def _manifest_digest(manifest: dict) -> str:
-    body = {k: v for k, v in manifest.items() if k != MANIFEST_DIGEST}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
 def write_manifest(folder: Path, manifest: dict) -> None:
     """`folder/manifest.json` with its own sha256 in it, so that an altered manifest is found out too."""
     with write_errors(folder / MANIFEST):
-        (folder / MANIFEST).write_text(json.dumps({**manifest, MANIFEST_DIGEST: _manifest_digest(manifest)}, indent=1))
-
-
-def read_manifest(path: Path) -> dict:
-    """The manifest of checkpoint `path`, or a ConfigError naming it when it is missing, cannot be parsed, lacks a
-    key or differs from its own recorded sha256 (truncated or altered)."""
-    file = path / MANIFEST
-    if not file.is_file():
-        raise ConfigError(f"{file} is missing; {path} is not a complete checkpoint")
-    damaged = f"{file} is damaged"
-    fix = "resume from another checkpoint (--resume DIR)"
-    try:
-        manifest = json.loads(file.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{damaged} (not valid JSON: {err}); {fix}") from err
-    if not isinstance(manifest, dict):
-        raise ConfigError(f"{damaged} (not a JSON object); {fix}")
-    if manifest.get("format") != FORMAT_VERSION:
-        raise ConfigError(f"{file} has format {manifest.get('format')}, this version reads {FORMAT_VERSION}")
-    missing = [key for key in MANIFEST_KEYS if key not in manifest]
-    if missing:
-        raise ConfigError(f"{damaged} (no {', '.join(missing)}); {fix}")
-    if MANIFEST_DIGEST in manifest and manifest[MANIFEST_DIGEST] != _manifest_digest(manifest):
-        raise ConfigError(f"{damaged} (altered: its content differs from the sha256 it records); {fix}")
-    return manifest
-
-
-def complete_checkpoints(root: Path) -> list[Path]:
-    """The checkpoints under `root` whose manifest is intact and whose files all exist, newest first (their
-    contents are checked against the sha256s when one is loaded)."""
-    found = []
-    for path in sorted((p for p in root.glob("step-*") if p.is_dir()), reverse=True):
-        try:
-            manifest = read_manifest(path)
-        except ConfigError:
-            continue
-        if all((path / rel).is_file() for rel in manifest["files"]):
-            found.append(path)
-    return found
+        (folder / MANIFEST).write_text(json.dumps({**manifest, MANIFEST_DIGEST: manifest_digest(manifest)}, indent=1))
 
 
 def _say(text: str) -> None:
@@ -452,11 +409,11 @@ def _verify(
     if saved != shapes:
         return f"{path / MANIFEST} lists other parameters or shapes than this model has (model or LoRA targets differ)"
     if manifest["world_size"] == world:
-        files = [_rank_file(rank), *_engine_files(manifest, rank)]
+        files = [checkpoint_rank_file(rank), *_engine_files(manifest, rank)]
         if len(files) == 1:
             return f"{path / MANIFEST} lists no DeepSpeed engine file of rank {rank}; the checkpoint is damaged"
     else:
-        files = [_rank_file(r) for r in _old_ranks_needed(manifest, model, world, rank)]
+        files = [checkpoint_rank_file(r) for r in _old_ranks_needed(manifest, model, world, rank)]
     return next((problem for rel in files if (problem := _check_file(path, rel, manifest))), None)
 
 
@@ -534,7 +491,7 @@ def load_checkpoint(
         return _load_recut(engine, path, manifest, position)
     engine.load_checkpoint(str(path), tag=ENGINE_TAG, load_module_strict=False)
     replay_adam_step_counter(engine.optimizer.optimizer)
-    base = torch.load(path / _rank_file(rank), weights_only=False)
+    base = torch.load(path / checkpoint_rank_file(rank), weights_only=False)
     for name, param in pruned_base_weights(engine.module).items():
         write_partition(param, unpack_sparse(base["weights"][name]).to(param.ds_tensor.device))
     _set_rng_state(base["rng"])
@@ -564,7 +521,7 @@ def _load_recut(engine, path: Path, manifest: dict, position: TrainPosition) -> 
             "(set it and train_micro_batch_size_per_gpu, leave gradient_accumulation_steps out) to change world size"
         )
     files = {
-        r: torch.load(path / _rank_file(r), weights_only=False, mmap=True, map_location="cpu")
+        r: torch.load(path / checkpoint_rank_file(r), weights_only=False, mmap=True, map_location="cpu")
         for r in _old_ranks_needed(manifest, engine.module, world, rank)
     }
     for name, param in pruned_base_weights(engine.module).items():

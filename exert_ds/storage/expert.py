@@ -13,7 +13,6 @@ Written into a hidden temporary directory, fsynced and renamed, like a training 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from collections.abc import Iterable, Iterator
@@ -31,19 +30,17 @@ from exert_ds.model.architecture import block_linears, decoder_layers, unwrap
 from exert_ds.prune.pattern import pruned_per_row
 from exert_ds.runtime.shard import all_shard_ranges
 from exert_ds.storage import sparse_codec
-from exert_ds.storage.atomic import SharedWrite, publish, sha256_file, temporary_sibling, write_errors
+from exert_ds.storage.atomic import SharedWrite, publish, temporary_sibling, write_errors
+from exert_ds.storage.manifest import EXPERT_FORMAT as FORMAT
+from exert_ds.storage.manifest import EXPERT_FORMAT_VERSION as FORMAT_VERSION
+from exert_ds.storage.manifest import EXPERT_MANIFEST as MANIFEST
+from exert_ds.storage.manifest import MANIFEST_DIGEST, damage_line, damaged_files, manifest_digest, sha256_file
+from exert_ds.storage.manifest import expert_rank_file as rank_file
+from exert_ds.storage.manifest import read_expert_manifest as read_manifest
 from exert_ds.storage.safetensors_stream import SafetensorsStream
 
-MANIFEST = "expert_manifest.json"
-MANIFEST_DIGEST = "manifest_sha256"  # the manifest's own sha256 (of its other keys, canonical JSON)
-FORMAT = "exert-ds-expert"
-FORMAT_VERSION = 1
 CHUNK = 1 << 24  # elements per row block when checking the promise
 DENSE_CHUNK = 1 << 22  # elements copied at a time from a dense fragment
-
-
-def rank_file(rank: int, world: int) -> str:
-    return f"expert-rank{rank:05d}-of-{world:05d}.safetensors"
 
 
 def base_parameter_name(peft_name: str) -> str:
@@ -164,65 +161,10 @@ def write_expert(
     return out
 
 
-def _manifest_digest(manifest: dict) -> str:
-    body = {k: v for k, v in manifest.items() if k != MANIFEST_DIGEST}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
 def write_manifest(folder: Path, manifest: dict) -> None:
     """`folder/expert_manifest.json` with its own sha256 in it, so that an altered manifest is found out too."""
     with write_errors(folder / MANIFEST):
-        (folder / MANIFEST).write_text(json.dumps({**manifest, MANIFEST_DIGEST: _manifest_digest(manifest)}, indent=1))
-
-
-def is_expert_dir(path: str | Path) -> bool:
-    """Whether `path` holds an expert manifest (intact or not: read_manifest says what is wrong with it)."""
-    return (Path(path) / MANIFEST).is_file()
-
-
-def read_manifest(path: str | Path) -> dict:
-    """The expert's manifest, or a ConfigError naming it when it is missing, cannot be parsed, is not an expert's,
-    lacks a key or differs from its own recorded sha256 (truncated or altered)."""
-    file = Path(path) / MANIFEST
-    if not file.is_file():
-        raise ConfigError(f"{file} is missing; give the expert directory a run wrote")
-    damaged = f"{file} is damaged"
-    fix = "the expert is damaged, write it again"
-    try:
-        manifest = json.loads(file.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{damaged} (not valid JSON: {err}); {fix}") from err
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ConfigError(f"{file} is not an exert-ds expert manifest; give the expert directory a run wrote")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ConfigError(
-            f"{file}: expert format {manifest.get('format_version')}, this exert-ds reads {FORMAT_VERSION}"
-        )
-    missing = [key for key in ("world_size", "promise", "tensors", "files") if key not in manifest]
-    if missing:
-        raise ConfigError(f"{damaged} (no {', '.join(missing)}); {fix}")
-    if MANIFEST_DIGEST in manifest and manifest[MANIFEST_DIGEST] != _manifest_digest(manifest):
-        raise ConfigError(f"{damaged} (altered: its content differs from the sha256 it records); {fix}")
-    return manifest
-
-
-def damaged_files(path: str | Path, manifest: dict) -> dict[str, str]:
-    """file name → what is wrong ('missing' or 'sha256 differs'), for every file the manifest lists."""
-    path = Path(path)
-    bad = {}
-    for name, digest in manifest["files"].items():
-        file = path / name
-        if not file.is_file():
-            bad[name] = "missing"
-        elif sha256_file(file) != digest:
-            bad[name] = "sha256 differs (truncated or altered)"
-    return bad
-
-
-def damage_line(path: str | Path, bad: dict[str, str]) -> str:
-    """The one line that names the first damaged file of `bad` (damaged_files' answer)."""
-    name, why = next(iter(bad.items()))
-    return f"{Path(path) / name} is {why} against {MANIFEST}; the expert is damaged, write it again"
+        (folder / MANIFEST).write_text(json.dumps({**manifest, MANIFEST_DIGEST: manifest_digest(manifest)}, indent=1))
 
 
 def verify_files(path: str | Path, manifest: dict) -> None:

@@ -25,8 +25,11 @@ from tqdm.auto import tqdm
 
 from exert_ds.errors import ConfigError
 from exert_ds.storage.atomic import publish, temporary_sibling, write_errors
-from exert_ds.storage.checkpoint import MANIFEST as CHECKPOINT_MANIFEST
-from exert_ds.storage.expert import MANIFEST, assemble, is_expert_dir, rank_file, read_manifest, verify_files
+from exert_ds.storage.expert import assemble, verify_files
+from exert_ds.storage.manifest import CHECKPOINT_MANIFEST, is_expert_dir
+from exert_ds.storage.manifest import EXPERT_MANIFEST as MANIFEST
+from exert_ds.storage.manifest import expert_rank_file as rank_file
+from exert_ds.storage.manifest import read_expert_manifest as read_manifest
 from exert_ds.storage.safetensors_stream import SafetensorsStream, nbytes
 
 INDEX = "model.safetensors.index.json"
@@ -108,29 +111,6 @@ def export_expert(src: str | Path, out: str | Path, max_shard_size: str | int = 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return publish(tmp, out)
-
-
-def add_export_parser(sub: argparse._SubParsersAction) -> None:
-    text = (
-        "stream a sparse expert into a Hugging Face directory (safetensors shards + index, config, tokenizer) that "
-        "AutoModelForCausalLM.from_pretrained loads; checks every file's sha256 and every pruned row's zeros. One "
-        "process, no launcher; host memory about twice the largest tensor"
-    )
-    p = sub.add_parser("export", help=text, description=text)
-    p.add_argument(
-        "--ckpt",
-        required=True,
-        metavar="DIR",
-        help="the expert directory a run writes (output_dir/expert), or the run's output_dir",
-    )
-    p.add_argument("--out", required=True, metavar="HF_DIR", help="the Hugging Face directory to write")
-    p.add_argument(
-        "--max-shard-size",
-        default="5GB",
-        metavar="SIZE",
-        help="largest safetensors shard, e.g. 5GB, 500MB (default 5GB); one model.safetensors when it fits",
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace HF_DIR if it exists and is not empty")
 
 
 def export_command(args: argparse.Namespace) -> int:

@@ -1,26 +1,37 @@
 """`exert-ds inspect`: what a training checkpoint or a sparse expert holds, and whether every file is intact.
 
 Reads only manifests, the packed bitmasks (for the measured sparsity) and, for integrity, every file once
-(sha256 against the manifest). Nothing is loaded onto a device and no process group is started.
+(sha256 against the manifest). Nothing is loaded onto a device and no process group is started; torch is not
+imported (the per-rank checkpoint files are read by torch_archive.py, the expert's by safetensors' numpy reader),
+so the answer comes in about a second (README, "CLI speed").
 """
 
 from __future__ import annotations
 
 import argparse
+import pickle
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
-import torch
 from safetensors import safe_open
 
 from exert_ds.errors import ConfigError
-from exert_ds.model.architecture import LLAMA_LIKE_ROLES
-from exert_ds.storage.checkpoint import LATEST, complete_checkpoints
-from exert_ds.storage.checkpoint import MANIFEST as CHECKPOINT_MANIFEST
-from exert_ds.storage.checkpoint import _rank_file as checkpoint_rank_file
-from exert_ds.storage.checkpoint import read_manifest as read_checkpoint_manifest
-from exert_ds.storage.expert import damage_line, damaged_files, is_expert_dir, rank_file, read_manifest
+from exert_ds.roles import role_of
+from exert_ds.storage import torch_archive
+from exert_ds.storage.manifest import (
+    CHECKPOINT_MANIFEST,
+    LATEST,
+    checkpoint_rank_file,
+    complete_checkpoints,
+    damage_line,
+    damaged_files,
+    expert_rank_file,
+    is_expert_dir,
+    read_checkpoint_manifest,
+    read_expert_manifest,
+)
 
 
 def _size(count: int) -> str:
@@ -31,12 +42,8 @@ def _size(count: int) -> str:
     return ""
 
 
-def _popcount(mask: torch.Tensor) -> int:
-    return int(np.bitwise_count(mask.numpy()).sum(dtype=np.int64))
-
-
-def _role(name: str) -> str | None:
-    return next((role for role, sub in LLAMA_LIKE_ROLES.items() if f".{sub}." in f"{name}."), None)
+def _popcount(mask: np.ndarray) -> int:
+    return int(np.bitwise_count(mask).sum(dtype=np.int64))
 
 
 def _sparsity_lines(zeros: dict[str, list[int]]) -> list[str]:
@@ -57,6 +64,19 @@ def _file_lines(path: Path, files: dict[str, str], bad: dict[str, str]) -> list[
     state = "OK" if not bad else f"DAMAGED: {len(bad)} of {len(files)} files missing, truncated or altered"
     lines.append(f"  integrity: {state}")
     return lines
+
+
+def stored_masks(file: Path) -> dict[str, tuple[int, np.ndarray]]:
+    """parameter name → (elements, packed bitmask) of a checkpoint's per-rank file. Read without torch; a file that
+    torch_archive cannot read (another torch format, an object it does not know) goes through torch.load."""
+    try:
+        weights = torch_archive.load(file)["weights"]
+        return {name: (int(p["numel"]), p["mask"].numpy()) for name, p in weights.items()}
+    except (pickle.UnpicklingError, zipfile.BadZipFile):
+        import torch
+
+        weights = torch.load(file, mmap=True, weights_only=False)["weights"]
+        return {name: (int(p["numel"]), p["mask"].numpy()) for name, p in weights.items()}
 
 
 def _base_model_line(base_model: dict | None) -> list[str]:
@@ -83,11 +103,10 @@ def describe_checkpoint(path: Path) -> tuple[list[str], str | None]:
     else:
         zeros: dict[str, list[int]] = {}
         for name in rank_files:
-            weights = torch.load(path / name, mmap=True, weights_only=False)["weights"]
-            for param, packed in weights.items():
-                count = zeros.setdefault(_role(param) or param, [0, 0])
-                count[0] += int(packed["numel"]) - _popcount(packed["mask"])
-                count[1] += int(packed["numel"])
+            for param, (numel, mask) in stored_masks(path / name).items():
+                count = zeros.setdefault(role_of(param) or param, [0, 0])
+                count[0] += numel - _popcount(mask)
+                count[1] += numel
         lines += _sparsity_lines(zeros)
     problem = None
     if bad:
@@ -97,7 +116,7 @@ def describe_checkpoint(path: Path) -> tuple[list[str], str | None]:
 
 
 def describe_expert(path: Path) -> tuple[list[str], str | None]:
-    manifest = read_manifest(path)
+    manifest = read_expert_manifest(path)
     world, promise, tensors = manifest["world_size"], manifest["promise"], manifest["tensors"]
     sparse = {name: e for name, e in tensors.items() if e["storage"] == "sparse"}
     pattern = f"{promise['n']}:{promise['m']}" if promise["m"] else f"sparsity {promise['sparsity']} per row"
@@ -108,12 +127,12 @@ def describe_expert(path: Path) -> tuple[list[str], str | None]:
     ]
     lines += _base_model_line(manifest.get("base_model"))
     bad = damaged_files(path, manifest)
-    if any(rank_file(r, world) in bad for r in range(world)):
+    if any(expert_rank_file(r, world) in bad for r in range(world)):
         lines.append("  measured sparsity: unavailable (a rank file is damaged)")
     else:
         zeros: dict[str, list[int]] = {}
         for rank in range(world):
-            with safe_open(path / rank_file(rank, world), framework="pt") as fh:
+            with safe_open(path / expert_rank_file(rank, world), framework="numpy") as fh:
                 for name, entry in sparse.items():
                     start, end = entry["ranges"][rank]
                     count = zeros.setdefault(entry["role"], [0, 0])
@@ -151,21 +170,6 @@ def describe(path: str | Path) -> tuple[list[str], str | None]:
     raise ConfigError(
         f"inspect {path}: neither a training checkpoint ({CHECKPOINT_MANIFEST}) nor a sparse expert; give "
         "output_dir/checkpoints/step-…, output_dir/checkpoints or output_dir/expert"
-    )
-
-
-def add_inspect_parser(sub: argparse._SubParsersAction) -> None:
-    text = (
-        "print what a training checkpoint or a sparse expert holds: step, prune events done, measured sparsity per "
-        "role (from the stored bitmasks), world size, files with sizes, and the sha256 check of every file; exit "
-        "status 1 if any file is missing, truncated or altered"
-    )
-    p = sub.add_parser("inspect", help=text, description=text)
-    p.add_argument(
-        "path",
-        metavar="CKPT",
-        help="output_dir/checkpoints/step-… (a training checkpoint), output_dir/checkpoints (its latest) or "
-        "output_dir/expert (the sparse expert)",
     )
 
 

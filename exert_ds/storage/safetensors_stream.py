@@ -4,6 +4,10 @@ safetensors' own `save_file` needs every tensor in memory at once. Its format is
 (an 8-byte little-endian header length, a JSON header of name → dtype, shape, byte offsets, then the raw
 bytes in order), so when the names, dtypes and shapes are known up front the header is written first and
 the bytes follow as each tensor arrives. The files are read back with the stock `safetensors` reader.
+
+Kept by hand because no library call does this: safetensors 0.8 writes only from a complete dict of tensors
+(`save_file`, `serialize_file`), and huggingface_hub's shard planner, used by export.py, only decides which
+tensors go in which file. A ZeRO-3 rank streaming its partitions of a 70B model cannot hold them all at once.
 """
 
 from __future__ import annotations

@@ -8,6 +8,11 @@ bytes, code 15 means "next byte of the escape list". The other bytes of each val
 1/16 + 1/2·(1/2 + 1/4) ≈ 0.44 of dense, plus the escapes (rare). Keys per tensor: `.mask`, `.low`
 (kept values' low bytes, nnz × (element size − 1)), `.codes` (two 4-bit codes per byte, the first in the low
 nibble), `.table` (15 bytes), `.escapes`. Assumes a little-endian host (the top byte is the last).
+
+Kept by hand because no library stores this: compressed-tensors' sparse-bitmask format (0.13) packs the same
+kind of bitmask but keeps the values raw, 0.5625× of dense bf16 at 50%, and it works on whole 2-D weights, not
+on one rank's flat ZeRO-3 partition. torch's sparse layouts (COO, CSR) cost an index per kept value, and
+safetensors stores dense tensors only.
 """
 
 from __future__ import annotations

@@ -14,11 +14,11 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import datasets
 import deepspeed
 import deepspeed.comm as dist
 import torch
 from deepspeed.accelerator import get_accelerator
+from peft import set_peft_model_state_dict
 from peft.utils import load_peft_weights
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
@@ -118,8 +118,6 @@ def build_session(cfg: RunConfig, with_training_data: bool, adapter: str | None 
         )
     init_distributed()
     rank = dist.get_rank()
-    if rank != 0:
-        datasets.disable_progress_bars()
     set_seed(cfg.train.seed)
     out_dir = Path(cfg.train.output_dir)
     tokenizer = load_tokenizer(cfg.model)
@@ -191,24 +189,30 @@ def train_micro_step(engine: deepspeed.DeepSpeedEngine, batch: dict[str, torch.T
 
 @torch.no_grad()
 def load_adapter_weights(model: torch.nn.Module, adapter_dir: str) -> None:
-    """Load a trained PEFT adapter (adapter_model.safetensors) into the attached LoRA, by name. LoRA that is
-    already partitioned by ZeRO-3 is gathered, written on rank 0 and re-partitioned."""
+    """Load a trained PEFT adapter (adapter_model.safetensors) into the attached LoRA with PEFT's own
+    `load_peft_weights` + `set_peft_model_state_dict` (which maps the saved names onto the adapter's). LoRA already
+    partitioned by ZeRO-3 is gathered on every rank, written (every rank loads the same file) and re-partitioned
+    from rank 0's copy. Every rank checks the same file against the same model, so a mismatch stops all of them
+    with the same one-line ConfigError and no rank waits in a collective."""
     try:
         weights = load_peft_weights(adapter_dir)
     except (OSError, ValueError) as err:
         raise ConfigError(f"--adapter {adapter_dir}: no PEFT adapter there ({str(err).splitlines()[0]})") from err
-    params = dict(model.named_parameters())
-    for key, value in weights.items():
-        name = key.replace(".weight", ".default.weight")
-        param = params.get(name)
-        if param is None or tuple(getattr(param, "ds_shape", param.shape)) != tuple(value.shape):
-            raise ConfigError(f"--adapter {adapter_dir}: {key} does not match this model's LoRA (r or targets differ)")
-        if not hasattr(param, "ds_id"):  # not partitioned yet: every rank writes the same values
-            param.copy_(value.to(param.dtype))
-            continue
-        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
-            if dist.get_rank() == 0:
-                param.copy_(value.to(param.dtype))
+    lora = [p for name, p in model.named_parameters() if "lora_" in name]
+    partitioned = [p for p in lora if hasattr(p, "ds_id")]
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0, enabled=bool(partitioned)):
+        try:
+            result = set_peft_model_state_dict(model, weights)
+        except RuntimeError as err:  # torch's load_state_dict: "size mismatch for <name>: ..."
+            raise ConfigError(
+                f"--adapter {adapter_dir}: does not match this model's LoRA (r or targets differ): "
+                f"{' '.join(str(err).split())[:300]}"
+            ) from err
+    if result.unexpected_keys:
+        raise ConfigError(
+            f"--adapter {adapter_dir}: {result.unexpected_keys[0]} does not match this model's LoRA (r or targets "
+            "differ)"
+        )
 
 
 def run_event(session: Session, planned: PlannedEvent, step: int) -> EventReport:
