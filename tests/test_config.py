@@ -160,7 +160,8 @@ def test_resume_from_another_run_is_refused_before_any_work(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--config", str(config), "--resume", str(checkpoint)]) == 2
     assert "no manifest.json in" in capsys.readouterr().err
-    manifest = {"format": FORMAT_VERSION, "config_fingerprint": "another run"}
+    manifest = {"format": FORMAT_VERSION, "config_fingerprint": "another run", "world_size": 1, "micro_batch": 1}
+    manifest |= {"train_batch_size": 1, "position": {}, "params": {}, "trainable": {}, "files": {}}  # complete
     (checkpoint / "manifest.json").write_text(json.dumps(manifest))
     assert main(["train", "--config", str(config), "--resume", str(checkpoint)]) == 2
     err = capsys.readouterr().err.strip()
