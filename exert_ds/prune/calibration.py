@@ -132,12 +132,15 @@ class InputStatistics:
             for handle in handles:
                 handle.remove()
 
-    def reduce(self, all_reduce: Callable[[Tensor], Tensor]) -> None:
-        """Sum E and H over processes (in float64), then hold them in the working precision (float32, float64 for
-        float64 activations): what scorers and PBS read."""
-        for table in (self.energy, self.hessian):
+    def reduce(self, all_reduce: Callable[[Tensor], Tensor], hessian_in_float64: bool = False) -> None:
+        """Sum E and H over processes, in float64. E is then held in the working precision (float32, float64 for
+        float64 activations); H too, unless `hessian_in_float64`: a solve that amplifies roundoff (SparseGPT's) must
+        get the float64 sum itself, since rounding it to float32 turns differences far below float32's resolution
+        (the forward's own rounding, between micro-batch sizes or world sizes) into whole ulps in some entries."""
+        for table, keep in ((self.energy, False), (self.hessian, hessian_in_float64)):
             for group, tensor in table.items():
-                table[group] = all_reduce(tensor).to(self._work_dtype)
+                reduced = all_reduce(tensor)
+                table[group] = reduced if keep else reduced.to(self._work_dtype)
 
     def for_role(self, role: str) -> tuple[Tensor, Tensor | None]:
         """(E: (in,), H: (in, in) or None) of the role's input."""
