@@ -249,11 +249,12 @@ def effective_weights(model):
 @pytest.mark.parametrize("case", every_registered_case())
 def test_micro_batch_changes_only_the_order_of_the_sums(case):
     """Issue 21: on 1 rank, calibration.micro_batch 4 vs 1 changes only the order in which E and H are summed; with
-    float32 sums SparseGPT's weights moved by 2.5e-5. Every registered scorer and PBS mode stays within algorithm.md
-    §9's 1e-5 (the forward's own batch-size rounding remains)."""
+    float32 sums SparseGPT's weights moved by 2e-5 (and by 1e-5 with a float64 sum rounded to float32 for its solve).
+    Every registered scorer and PBS mode stays within 5e-6, half of algorithm.md §9's bound: measured 1.7e-6 at most
+    (PBS hessian's float32 solve), SparseGPT 3.5e-7; the forward's own batch-size rounding remains."""
     want, _ = dense_event("llama-63", case, layers=3, micro_batch=4)
     got, _ = dense_event("llama-63", case, layers=3, micro_batch=1)
-    assert_same_weights(want, got, case)
+    assert_same_weights(want, got, case, tolerance=5e-6)
 
 
 def test_input_statistics_do_not_depend_on_how_the_tokens_are_split():

@@ -91,10 +91,10 @@ class InputStatistics:
 
     Both are summed in float64 from inputs upcast to float64, where every product of two float32 (or bf16) values
     is exact and a sum of a few million of them is exact to about 1e-10 relative: whichever way the tokens are split
-    into micro-batches and ranks, `reduce` hands out the same E and H to within one rounding to the working precision.
-    In float32 the order of the sum showed through the SparseGPT solve (issue 21: 2.5e-5 relative between
-    micro-batch 4 and 1 on one rank, 1.8e-5 between 1 and 2 ranks); with float64 sums the event's results depend on
-    how H was summed no more than the forward's own float32 activations differ."""
+    into micro-batches and ranks, the sums agree far below float32's resolution. In float32 the order of the sum
+    showed through the SparseGPT solve (issue 21's input: 2e-5 relative between micro-batch 4 and 1 on one rank,
+    1.8e-5 between 1 and 2 ranks; 3.5e-7 and 3.8e-7 with float64 sums and solve). Cost: the float64 accumulators
+    (in × in × 8 bytes per input group) and float64 products, in chunks of 2048 tokens."""
 
     def __init__(self, linears: dict[str, nn.Module], want_hessian: bool) -> None:
         self.energy: dict[str, Tensor] = {}  # group → E: (in,), float64 until `reduce`
@@ -132,12 +132,15 @@ class InputStatistics:
             for handle in handles:
                 handle.remove()
 
-    def reduce(self, all_reduce: Callable[[Tensor], Tensor]) -> None:
-        """Sum E and H over processes (in float64), then hold them in the working precision (float32, float64 for
-        float64 activations): what scorers and PBS read."""
-        for table in (self.energy, self.hessian):
+    def reduce(self, all_reduce: Callable[[Tensor], Tensor], hessian_in_float64: bool = False) -> None:
+        """Sum E and H over processes, in float64. E is then held in the working precision (float32, float64 for
+        float64 activations); H too, unless `hessian_in_float64`: a solve that amplifies roundoff (SparseGPT's) must
+        get the float64 sum itself, since rounding it to float32 turns differences far below float32's resolution
+        (the forward's own rounding, between micro-batch sizes or world sizes) into whole ulps in some entries."""
+        for table, keep in ((self.energy, False), (self.hessian, hessian_in_float64)):
             for group, tensor in table.items():
-                table[group] = all_reduce(tensor).to(self._work_dtype)
+                reduced = all_reduce(tensor)
+                table[group] = reduced if keep else reduced.to(self._work_dtype)
 
     def for_role(self, role: str) -> tuple[Tensor, Tensor | None]:
         """(E: (in,), H: (in, in) or None) of the role's input."""

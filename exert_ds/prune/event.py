@@ -154,7 +154,8 @@ class PruneEvent:
         stats = InputStatistics(lora_layers, want_hessian)
         with stats.recording(), self.backend.whole_block(layer):
             run_block(layer, inputs)
-        stats.reduce(self.backend.all_reduce)
+        obs_solve = self.scorer.needs_hessian or self.cfg.prune.reconstruct == "obs"  # SparseGPT-style elimination
+        stats.reduce(self.backend.all_reduce, hessian_in_float64=obs_solve)
         self._prune_linears(block, lora_layers, stats, event, sparsity, use_pbs, ema, report)
         del stats  # H: (in, in) per input group, not needed to propagate
         with self.backend.whole_block(layer):
@@ -287,6 +288,7 @@ class PruneEvent:
         zeros = torch.zeros(u_rows.shape[0], a.shape[0], dtype=a.dtype, device=a.device)  # (rows_owned, r)
         if pbs.mode == "hessian":
             reg = 1e-2 if pbs.reg is None else pbs.reg
+            hessian = hessian.to(u_rows.dtype)  # (in, in): float64 only for an OBS elimination (_prune_block)
             with float32_matmul_precision(pbs.matmul_precision):
                 delta_rows, before, after = partial_brain_surgeon_with_errors(
                     u_rows, a, zeros, scale, keep_rows, hessian, reg, start_weight=start_rows
