@@ -90,7 +90,7 @@ def complete_checkpoints(root: Path) -> list[Path]:
 
 
 def is_expert_dir(path: str | Path) -> bool:
-    """Whether `path` holds an expert manifest (intact or not: read_manifest says what is wrong with it)."""
+    """Whether `path` holds an expert manifest (intact or not: read_expert_manifest says what is wrong with it)."""
     return (Path(path) / EXPERT_MANIFEST).is_file()
 
 
