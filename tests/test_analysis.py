@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from peft import get_peft_model_state_dict
+from peft import PeftModel, get_peft_model_state_dict
 from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
 
+from exert_ds.analysis.adapters import load_adapters
 from exert_ds.analysis.energy import energy_differences, projection_energy
 from exert_ds.analysis.masks import expected_random_iou, mask_overlap
 from exert_ds.analysis.sources import open_source
@@ -21,7 +24,8 @@ from exert_ds.model.architecture import LLAMA_LIKE_ROLES
 from exert_ds.prune.foresight import ROLES, foresight_scores, row_mask
 from exert_ds.runtime.access import DenseBackend
 from exert_ds.storage.expert import write_expert
-from tests.fixtures import save_tokenizer
+from tests.fixtures import health_sentences, run_yaml, save_tokenizer, write_jsonl
+from tests.launch import REPO, deepspeed_cpu
 from tests.tiny_models import calibration_ids, tiny_lora_model, tiny_model
 
 
@@ -255,3 +259,129 @@ def test_energy_matches_a_plain_computation_on_gqa(tmp_path):
     assert got["roles"]["q"][1]["companion_rms"] == pytest.approx(float(k_norm.square().mean().sqrt()), rel=1e-5)
     same = energy_differences(got, got)
     assert all(r["profile"] < 1e-12 and r["output_log_ratio"] == 0 for rows in same.values() for r in rows)
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory):
+    """A 2-rank training run with save_event_adapters (events before step 3 and at the end) and a checkpoint after
+    every step, so the checkpoints step-3 (events done 0) and step-4 hold the adapters the two events merged (the
+    warm-up gives the first steps a learning rate of 0: B is still 0 at step 2)."""
+    tmp = tmp_path_factory.mktemp("analysis_run")
+    config = run_yaml(
+        tmp,
+        prune={"sparsity": 0.5, "every_steps": 3},
+        train={"max_steps": 4, "save_every_steps": 1, "keep_checkpoints": 10, "save_event_adapters": True},
+    )
+    deepspeed_cpu(["--module", "exert_ds", "train", "--config", str(config)], ranks=2)
+    return tmp, config
+
+
+@pytest.mark.distributed
+def test_event_adapters_equal_the_checkpointed_masters_and_load_in_peft(two_rank_run, tmp_path):
+    tmp, _ = two_rank_run
+    run = tmp / "run"
+    checkpoints = {
+        0: run / "checkpoints" / "step-00000003-event-000",
+        1: run / "checkpoints" / "step-00000004-event-001",
+    }
+    for event, checkpoint in checkpoints.items():
+        saved = load_adapters(run / "event_adapters" / f"event-{event}")
+        reassembled = load_adapters(checkpoint)  # the two ranks' fp32 slices put back together
+        assert saved.keys() == reassembled.keys() and len(saved) == 2 * 7
+        for key, (a, b) in saved.items():
+            assert torch.equal(a, reassembled[key][0]) and torch.equal(b, reassembled[key][1]), key
+            assert b.any(), key  # trained, not the re-initialised B = 0
+    base = AutoModelForCausalLM.from_pretrained(tmp / "model")
+    peft = PeftModel.from_pretrained(base, run / "event_adapters" / "event-0")
+    state = get_peft_model_state_dict(peft)
+    a, b = load_adapters(run / "event_adapters" / "event-0")[(1, "o")]
+    assert torch.equal(state["base_model.model.model.layers.1.self_attn.o_proj.lora_A.weight"], a)
+    assert torch.equal(state["base_model.model.model.layers.1.self_attn.o_proj.lora_B.weight"], b)
+    args = ["analyze", "subspaces", str(run / "event_adapters" / "event-0"), str(checkpoints[0])]
+    assert (
+        main([*args, str(run / "event_adapters" / "event-1"), "--base", str(tmp / "model"), "--out", str(tmp_path)])
+        == 0
+    )
+    result = json.loads((tmp_path / "subspaces.json").read_text())
+    same = result["pairs"]["event-0 vs step-00000003-event-000"]
+    assert all(row[s] < 1e-6 for rows in same.values() for row in rows for s in ("col_B", "row_A"))
+    assert all(row["col_B"] > 0.1 for rows in result["pairs"]["event-0 vs event-1"].values() for row in rows)
+
+
+@pytest.mark.distributed
+def test_two_rank_expert_gives_the_analysis_of_its_hf_export(two_rank_run, tmp_path):
+    tmp, _ = two_rank_run
+    run = tmp / "run"
+    pruned_model_dir(tmp_path / "other", "llama-odd", seed=4)
+    for model, out in ((run / "expert", "from_expert"), (run / "final", "from_hf")):
+        assert main(["analyze", "masks", str(model), str(tmp_path / "other"), "--out", str(tmp_path / out)]) == 0
+    from_expert = json.loads((tmp_path / "from_expert" / "masks-expert-vs-other.json").read_text())["roles"]
+    from_hf = json.loads((tmp_path / "from_hf" / "masks-final-vs-other.json").read_text())["roles"]
+    assert from_expert == from_hf
+    assert all(0 < row["iou"] < 1 for rows in from_hf.values() for row in rows)
+
+
+@pytest.mark.distributed
+def test_energy_on_two_zero3_ranks_equals_one_process(two_rank_run, tmp_path):
+    tmp, config = two_rank_run
+    text = tmp / "health.jsonl"
+    other = write_jsonl(tmp_path / "other.jsonl", [{"body": s} for s in health_sentences(80, seed=9)])
+    data = ["--data", f"run={config}", "--data", f"other={other}:body", "--num-samples", "8", "--seq-len", "16"]
+    two = tmp_path / "two"
+    deepspeed_cpu(
+        ["--module", "exert_ds", "analyze", "energy", "--model", str(tmp / "run" / "expert"), *data,
+         "--micro-batch", "2", "--deepspeed", str(REPO / "ds_configs" / "zero3_cpu.json"), "--out", str(two)],
+        ranks=2,
+    )  # fmt: skip
+    one = tmp_path / "one"
+    assert main(["analyze", "energy", "--model", str(tmp / "run" / "final"), *data, "--out", str(one)]) == 0
+    got, want = (json.loads((d / "energy.json").read_text()) for d in (two, one))
+    assert got["zero3"] and got["world_size"] == 2 and not want["zero3"]
+    assert got["data"]["run"] == [str(text)]
+    for name in ("run", "other"):
+        for role in ROLES:
+            for g, w in zip(got["results"][name]["roles"][role], want["results"][name]["roles"][role], strict=True):
+                assert g == pytest.approx(w, rel=1e-5), (name, role)
+    assert got["differences"]["run vs other"]["q"][0]["profile"] > 0
+    for png in ("energy-output_energy", "energy-input_energy", "energy-foresight_mean", "energy-profile-distance"):
+        assert (two / f"{png}.png").stat().st_size > 1000
+
+
+def test_report_writer_computes_the_answer_from_the_outputs(tmp_path):
+    """write_report.py on the outputs of the three analyses of tiny models named as run_analysis.py names its runs."""
+    sys.path.insert(0, str(REPO / "eval" / "analysis"))
+    import write_report
+
+    out, runs = tmp_path / "out", ("health-s0", "health-s1", "legal-s0", "qtype-s0", "answers-s0")
+    for seed, run in enumerate(runs):
+        pruned_model_dir(tmp_path / run, "llama", seed=seed)
+        saved_adapter(tmp_path / f"adapter-{run}", seed=seed)
+    names = ["--names", ",".join(runs)]
+    assert main(["analyze", "masks", *(str(tmp_path / r) for r in runs), *names, "--out", str(out / "masks")]) == 0
+    adapters = [str(tmp_path / f"adapter-{r}") for r in runs]
+    for which in ("event0", "final"):
+        assert main(["analyze", "subspaces", *adapters, *names, "--out", str(out / "subspaces" / which)]) == 0
+    data = []
+    for seed, name in enumerate(("health", "legal", "qtype", "answers")):
+        path = write_jsonl(tmp_path / f"{name}.jsonl", [{"text": s} for s in health_sentences(40, seed=seed)])
+        data += ["--data", f"{name}={path}"]
+    small = ["--num-samples", "4", "--seq-len", "8"]
+    for seed in (0, 1):
+        energy_out = str(out / "energy" / f"base-seed{seed}")
+        assert main(["analyze", "energy", "--model", str(tmp_path / "health-s0"), *data, *small, "--seed", str(seed), "--out", energy_out]) == 0  # fmt: skip
+    for run in ("health-s0", "health-s1", "legal-s0"):
+        assert main(["analyze", "energy", "--model", str(tmp_path / run), *data[:4], *small, "--out", str(out / "energy" / run)]) == 0  # fmt: skip
+    page = write_report.render(out, "analysis")
+    masks = json.loads((out / "masks" / "masks-health-s0-vs-legal-s0.json").read_text())["roles"]
+    task = json.loads((out / "masks" / "masks-qtype-s0-vs-answers-s0.json").read_text())["roles"]
+    domain_mean = sum(1 - r["iou"] for rows in masks.values() for r in rows) / 14
+    task_mean = sum(1 - r["iou"] for rows in task.values() for r in rows) / 14
+    wins = sum(1 - a["iou"] > 1 - b["iou"] for role in ROLES for a, b in zip(masks[role], task[role], strict=True))
+    row = next(line for line in page.splitlines() if line.startswith("| mask: 1 − IoU of kept sets |"))
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert cells[1] == f"{domain_mean:.4f}" and cells[2] == f"{task_mean:.4f}"
+    assert cells[4] == f"{'larger' if domain_mean > task_mean else 'not larger'} ({wins}/14 cells)"
+    measures = [line for line in page.splitlines() if line.startswith(("| mask:", "| subspace:", "| energy:"))]
+    assert len(measures) == 3 + 4 + 2 + 2 * 2  # masks; col/row × event 0/final; dense model; experts on 2 data sets
+    assert "n/a" not in "".join(measures[:-4])  # only the expert energies lack a task pairing
+    assert "(analysis/masks/masks-health-s0-vs-legal-s0-iou.png)" in page

@@ -68,7 +68,7 @@ def _from_checkpoint(path: Path) -> Adapters:
     for name, entry in manifest["trainable"].items():
         flat = torch.empty(int(torch.Size(entry["shape"]).numel()), dtype=torch.float32)
         for rank, (start, end) in enumerate(entry["ranges"]):
-            flat[start:end] = files[rank][name]["fp32"][: end - start]
+            flat[start:end] = files[rank][name]["fp32"][: end - start].detach()
         named[name] = flat.view(entry["shape"])
     return _by_role(named, path)
 
