@@ -347,10 +347,16 @@ def test_energy_on_two_zero3_ranks_equals_one_process(two_rank_run, tmp_path):
         assert (two / f"{png}.png").stat().st_size > 1000
 
 
-def test_report_writer_computes_the_answer_from_the_outputs(tmp_path):
-    """write_report.py on the outputs of the three analyses of tiny models named as run_analysis.py names its runs."""
+def test_report_writer_computes_the_answer_from_the_outputs(tmp_path, monkeypatch):
+    """write_report.py on the outputs of the three analyses of tiny models named as run_analysis.py names its runs
+    (figures stubbed: the tests above draw them; here they would take most of the time)."""
     sys.path.insert(0, str(REPO / "eval" / "analysis"))
     import write_report
+
+    from exert_ds.analysis import plots
+
+    for figure in ("heatmap", "layer_lines"):
+        monkeypatch.setattr(plots, figure, lambda *args, **_: args[3].write_bytes(b"stub"))
 
     out, runs = tmp_path / "out", ("health-s0", "health-s1", "legal-s0", "qtype-s0", "answers-s0")
     for seed, run in enumerate(runs):
