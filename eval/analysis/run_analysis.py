@@ -88,34 +88,36 @@ def run_all(jobs: dict[str, list[str]], gpus: int, logs: Path, deadline: float, 
         print(f"{name}: rc={rc} ({record[name]['seconds']} s)", flush=True)
 
 
-def trainings() -> dict[str, list[str]]:
+def trainings(runs: Path, extra: list[str]) -> dict[str, list[str]]:
+    sets = [a for pair in extra for a in ("--set", pair)]
     return {
         name: exert("train", "--config", str(config), "--set", f"train.seed={seed}",
-                    "--set", f"train.output_dir={RUNS / name}", "--set", "train.save_event_adapters=true")
+                    "--set", f"train.output_dir={runs / name}", "--set", "train.save_event_adapters=true", *sets)
         for name, (config, seed) in TRAININGS.items()
     }  # fmt: skip
 
 
-def analyses(out: Path, last_event: int) -> dict[str, list[str]]:
+def analyses(out: Path, last_event: int, args: argparse.Namespace) -> dict[str, list[str]]:
+    runs, base = args.runs, args.base
     names = list(TRAININGS)
     jobs = {
-        "masks": exert("analyze", "masks", *(str(RUNS / n / "expert") for n in names), "--names", ",".join(names),
+        "masks": exert("analyze", "masks", *(str(runs / n / "expert") for n in names), "--names", ",".join(names),
                        "--out", str(out / "masks")),
-        "subspaces-event0": exert("analyze", "subspaces", *(str(RUNS / n / "event_adapters" / "event-0") for n in names),
-                                  "--names", ",".join(names), "--base", str(BASE), "--out", str(out / "subspaces" / "event0")),
+        "subspaces-event0": exert("analyze", "subspaces", *(str(runs / n / "event_adapters" / "event-0") for n in names),
+                                  "--names", ",".join(names), "--base", str(base), "--out", str(out / "subspaces" / "event0")),
         "subspaces-final": exert("analyze", "subspaces",
-                                 *(str(RUNS / n / "event_adapters" / f"event-{last_event}") for n in names),
+                                 *(str(runs / n / "event_adapters" / f"event-{last_event}") for n in names),
                                  "--names", ",".join(names), "--out", str(out / "subspaces" / "final")),
     }  # fmt: skip
     data = [a for name, config in DATA.items() for a in ("--data", f"{name}={config}")]
-    common = ["--deepspeed", str(DS_INFERENCE), "--dtype", "bfloat16", "--num-samples", "64", "--seq-len", "512",
-              "--micro-batch", "16"]  # fmt: skip
+    common = ["--deepspeed", str(args.deepspeed), "--dtype", args.dtype, "--num-samples", str(args.energy_samples),
+              "--seq-len", str(args.energy_seq_len), "--micro-batch", "16"]  # fmt: skip
     for seed in (0, 1):
-        jobs[f"energy-base-seed{seed}"] = exert("analyze", "energy", "--model", str(BASE), *data, *common,
+        jobs[f"energy-base-seed{seed}"] = exert("analyze", "energy", "--model", str(base), *data, *common,
                                                 "--seed", str(seed), "--out", str(out / "energy" / f"base-seed{seed}"))  # fmt: skip
     for run in ("health-s0", "health-s1", "legal-s0"):
         two = ["--data", f"health={DATA['health']}", "--data", f"legal={DATA['legal']}"]
-        jobs[f"energy-{run}"] = exert("analyze", "energy", "--model", str(RUNS / run / "expert"), *two, *common,
+        jobs[f"energy-{run}"] = exert("analyze", "energy", "--model", str(runs / run / "expert"), *two, *common,
                                       "--out", str(out / "energy" / run))  # fmt: skip
     return jobs
 
@@ -125,7 +127,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--gpus", type=int, default=1, help="GPUs to share among the jobs (0: CPU)")
     parser.add_argument("--deadline-s", type=float, default=540, help="kill what still runs after this")
-    parser.add_argument("--skip-training", action="store_true", help="analyse the runs already under runs/analysis")
+    parser.add_argument("--analysis-s", type=float, default=150, help="of the deadline, kept for the analyses")
+    parser.add_argument("--skip-training", action="store_true", help="analyse the runs already under --runs")
+    parser.add_argument("--runs", type=Path, default=RUNS, help="where the five runs go")
+    parser.add_argument("--base", type=Path, default=BASE, help="the dense model (HF dir) the runs start from")
+    parser.add_argument("--set", action="append", default=[], help="extra --set for every training (smoke tests)")
+    parser.add_argument("--deepspeed", type=Path, default=DS_INFERENCE, help="ZeRO-3 config of the energy runs")
+    parser.add_argument("--dtype", default="bfloat16", help="dtype of the energy runs")
+    parser.add_argument("--energy-samples", type=int, default=64, help="calibration sequences per energy data set")
+    parser.add_argument("--energy-seq-len", type=int, default=512, help="tokens per energy calibration sequence")
     args = parser.parse_args()
     t0 = time.monotonic()
     deadline = t0 + args.deadline_s
@@ -133,9 +143,9 @@ def main() -> None:
     logs.mkdir(parents=True, exist_ok=True)
     record: dict = {}
     if not args.skip_training:
-        run_all(trainings(), args.gpus, logs, deadline, record)
-    events = sorted(int(p.name.split("-")[1]) for p in (RUNS / "health-s0" / "event_adapters").glob("event-*"))
-    run_all(analyses(args.out, events[-1] if events else 2), args.gpus, logs, deadline, record)
+        run_all(trainings(args.runs, args.set), args.gpus, logs, deadline - args.analysis_s, record)
+    events = sorted(int(p.name.split("-")[1]) for p in (args.runs / "health-s0" / "event_adapters").glob("event-*"))
+    run_all(analyses(args.out, events[-1] if events else 2, args), args.gpus, logs, deadline, record)
     import torch
     import transformers
 
@@ -149,8 +159,8 @@ def main() -> None:
         "trainings": {n: {"config": str(c.relative_to(REPO)), "seed": s} for n, (c, s) in TRAININGS.items()},
         "pairings": PAIRINGS,
         "jobs": record,
-        "summaries": {n: json.loads((RUNS / n / "summary.json").read_text()) for n in TRAININGS
-                      if (RUNS / n / "summary.json").is_file()},
+        "summaries": {n: json.loads((args.runs / n / "summary.json").read_text()) for n in TRAININGS
+                      if (args.runs / n / "summary.json").is_file()},
     }  # fmt: skip
     (args.out / "analysis_raw.json").write_text(json.dumps(raw, indent=1))
     with tarfile.open(args.out / "logs.tar.gz", "w:gz") as tar:

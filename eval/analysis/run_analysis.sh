@@ -14,7 +14,7 @@
 #   call 2 (carry .stage/b .whl):      bash eval/analysis/run_analysis.sh
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl /root/m/mpl/*.whl || exit 1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl $(ls /root/m/mpl/*.whl 2>/dev/null) || exit 1
 export PYTHONPATH=$PWD:/tmp/site PATH=/tmp/site/bin:$PATH
 python3 -c "import matplotlib" || { echo "matplotlib is missing from .whl"; exit 1; }
 [ -f /root/m/smollm2.gguf ] || { cp .stage/b/part_ab /root/m/ && cat /root/m/part_aa /root/m/part_ab > /root/m/smollm2.gguf; } || exit 1

@@ -19,7 +19,14 @@ from statistics import mean
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from exert_ds.analysis.energy import energy_differences  # noqa: E402
 
-PAIRINGS = {"domain": ("health-s0", "legal-s0"), "task": ("qtype-s0", "answers-s0"), "seed": ("health-s0", "health-s1")}
+PAIRINGS = {
+    "domain": ("health-s0", "legal-s0"),
+    "task": ("qtype-s0", "answers-s0"),
+    "seed": ("health-s0", "health-s1"),
+    "domain×seed": ("health-s1", "legal-s0"),  # other domain and other seed: no shared initialisation
+}
+# (pairing, against): the questions asked; domain×seed against seed controls for the shared LoRA init of one seed
+QUESTIONS = (("domain", "task"), ("domain", "seed"), ("domain×seed", "seed"))
 ENERGY_DATA = {"domain": ("health", "legal"), "task": ("qtype", "answers")}
 
 
@@ -75,7 +82,8 @@ def metrics(out: Path) -> dict[str, dict[str, dict[tuple[int, str], float]]]:
                 base0["results"]["health"], base1["results"]["health"]))  # fmt: skip
     experts = {run: load(out / "energy" / run / "energy.json") for run in ("health-s0", "health-s1", "legal-s0")}
     if all(experts.values()):
-        for pairing, (x, y) in (("domain", ("health-s0", "legal-s0")), ("seed", ("health-s0", "health-s1"))):
+        for pairing in ("domain", "seed", "domain×seed"):
+            x, y = PAIRINGS[pairing]
             for data in ("health", "legal"):
                 diff = energy_differences(experts[x]["results"][data], experts[y]["results"][data])
                 add_energy(table, f"experts on {data} data", pairing, diff)
@@ -84,14 +92,16 @@ def metrics(out: Path) -> dict[str, dict[str, dict[tuple[int, str], float]]]:
 
 def add_energy(table: dict, what: str, pairing: str, diff: dict) -> None:
     table.setdefault(f"energy: 1 − cosine of input channel profiles, {what}", {})[pairing] = cells(diff, "profile")
-    table.setdefault(f"energy: |ln output-energy ratio|, {what}", {})[pairing] = cells(diff, "output_log_ratio")
+    table.setdefault(f"energy: abs ln of the output-energy ratio, {what}", {})[pairing] = cells(
+        diff, "output_log_ratio"
+    )
 
 
-def verdict(values: dict[str, dict[tuple[int, str], float]], other: str) -> str:
-    """'larger'/'smaller' from the means, with the share of (block, role) cells where the domain pairing is larger."""
-    if "domain" not in values or other not in values:
+def verdict(values: dict[str, dict[tuple[int, str], float]], pairing: str, other: str) -> str:
+    """'larger'/'not larger' from the means, with the number of (block, role) cells where `pairing` is larger."""
+    if pairing not in values or other not in values:
         return "n/a"
-    d, o = values["domain"], values[other]
+    d, o = values[pairing], values[other]
     common = [k for k in d if k in o]
     wins = sum(d[k] > o[k] for k in common)
     word = "larger" if mean(d[k] for k in common) > mean(o[k] for k in common) else "not larger"
@@ -143,18 +153,17 @@ def render(out: Path, figures: str) -> str:
     lines += [
         "## The answer",
         "",
-        "Each row is a difference measure (larger = more different), averaged over every (block, role) cell; the last "
-        "two columns compare the domain pairing with the task pairing and with the seed pairing, with the number of "
-        "cells where the domain pairing is the larger.",
+        "Each row is a difference measure (larger = more different), averaged over every (block, role) cell, for the "
+        "three pairings and for health seed 1 vs legal seed 0 (domain×seed: two runs that share no initialisation). "
+        "The last three columns answer the questions, with the number of cells where the first pairing is the larger.",
         "",
-        "| measure | domain | task | seed | domain vs task | domain vs seed |",
-        "|---|---|---|---|---|---|",
+        "| measure | " + " | ".join(PAIRINGS) + " | " + " | ".join(f"{p} vs {o}" for p, o in QUESTIONS) + " |",
+        "|---|" + "---|" * (len(PAIRINGS) + len(QUESTIONS)),
     ]
     for name, values in table.items():
-        lines.append(
-            f"| {name} | {fmt(values.get('domain'))} | {fmt(values.get('task'))} | {fmt(values.get('seed'))} | "
-            f"{verdict(values, 'task')} | {verdict(values, 'seed')} |"
-        )
+        numbers = " | ".join(fmt(values.get(p)) for p in PAIRINGS)
+        answers = " | ".join(verdict(values, p, o) for p, o in QUESTIONS)
+        lines.append(f"| {name} | {numbers} | {answers} |")
     lines += ["", summary(table), ""]
     for name, values in table.items():
         if name.startswith(("mask: 1 − IoU", "subspace: Grassmann distance, col_B, event 0", "energy: 1 − cosine")):
@@ -177,6 +186,11 @@ def render(out: Path, figures: str) -> str:
         "- Energies: the dense model's input channel RMS profiles sqrt(E/T) per projection compared between two "
         "calibration sets (1 − cosine), and the log ratio of the projections' output energies; the seed row compares "
         "the same health data drawn with calibration seed 0 and 1. The expert rows compare two experts on the same data.",
+        "- One seed means one LoRA initialisation: PEFT draws the first A from the run seed, and every event re-draws A "
+        "from (run seed, event, block, role). The domain and task pairings share that seed (seed 0), the seed pairing "
+        "does not, so row_A distances (and anything the initial A shapes) compare a shared start against different "
+        "starts. The domain×seed column (health seed 1 vs legal seed 0) removes the shared start: a domain effect "
+        "beyond seed noise shows as domain×seed above seed.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -185,22 +199,22 @@ def summary(table: dict[str, dict[str, dict]]) -> str:
     groups = {"mask": [], "subspace": [], "energy": []}
     for name, values in table.items():
         kind = name.split(":")[0]
-        if "domain" in values:
-            for other in ("task", "seed"):
-                if other in values:
-                    d, o = mean(values["domain"].values()), mean(values[other].values())
-                    groups[kind].append((other, d > o))
+        for pairing, other in QUESTIONS:
+            if pairing in values and other in values:
+                d, o = mean(values[pairing].values()), mean(values[other].values())
+                groups[kind].append(((pairing, other), d > o))
     parts = []
     plural = {"mask": "masks", "subspace": "subspaces", "energy": "energies"}
     for kind, results in groups.items():
         if not results:
             parts.append(f"{plural[kind]}: not measured")
             continue
-        for other in ("task", "seed"):
-            got = [r for o, r in results if o == other]
+        for question in QUESTIONS:
+            got = [r for q, r in results if q == question]
             if got:
                 parts.append(
-                    f"{plural[kind]}: the domain difference exceeds the {other} difference in {sum(got)} of {len(got)} measures"
+                    f"{plural[kind]}: the {question[0]} difference exceeds the {question[1]} difference in {sum(got)} "
+                    f"of {len(got)} measures"
                 )
     return "In short, " + "; ".join(parts) + "."
 

@@ -86,9 +86,9 @@ def _pair(adapters: dict, key: tuple[int, str], where: str) -> tuple[Tensor, Ten
     a, b = adapters[key]
     if not bool(a.any()) or not bool(b.any()):
         raise ConfigError(
-            f"{where}: block {key[0]} role {key[1]!r} has an all-zero LoRA {'A' if not bool(a.any()) else 'B'} "
-            "(a checkpoint written right after a prune event holds the re-initialised adapter); give adapters saved "
-            "before an event (train.save_event_adapters) or a checkpoint from between events"
+            f"{where}: block {key[0]} role {key[1]!r} has an all-zero LoRA {'A' if not bool(a.any()) else 'B'}, which "
+            "spans no subspace: the adapter has not trained yet (a learning rate still 0 in the warm-up), or it is a "
+            "checkpoint written right after a prune event (which re-initialises it); give a trained adapter"
         )
     return a, b
 
