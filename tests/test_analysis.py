@@ -20,8 +20,8 @@ from exert_ds.analysis.masks import expected_random_iou, mask_overlap
 from exert_ds.analysis.sources import open_source
 from exert_ds.analysis.subspaces import grassmann_distance, orthonormal_basis, principal_angles, weight_distances
 from exert_ds.cli import main
-from exert_ds.model.architecture import LLAMA_LIKE_ROLES
-from exert_ds.prune.foresight import ROLES, foresight_scores, row_mask
+from exert_ds.prune.foresight import foresight_scores, row_mask
+from exert_ds.roles import LLAMA_LIKE_ROLES, ROLES
 from exert_ds.runtime.access import DenseBackend
 from exert_ds.storage.expert import write_expert
 from tests.fixtures import health_sentences, run_yaml, save_tokenizer, write_jsonl

@@ -15,8 +15,9 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from exert_ds.errors import ConfigError
-from exert_ds.model.architecture import ROLE_TABLES
-from exert_ds.storage.checkpoint import LATEST, MANIFEST
+from exert_ds.roles import ROLE_TABLES
+from exert_ds.storage.manifest import CHECKPOINT_MANIFEST as MANIFEST
+from exert_ds.storage.manifest import LATEST, checkpoint_rank_file
 
 ADAPTER_FILE = "adapter_model.safetensors"
 _LORA_KEY = re.compile(r"layers\.(\d+)\.(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$")
@@ -60,7 +61,7 @@ def _from_checkpoint(path: Path) -> Adapters:
     world = manifest["world_size"]
     files = []
     for rank in range(world):
-        file = path / f"base-rank{rank:05d}.pt"
+        file = path / checkpoint_rank_file(rank)
         if not file.is_file():
             raise ConfigError(f"{file} is missing; the checkpoint {path} is incomplete")
         files.append(torch.load(file, weights_only=False, mmap=True, map_location="cpu")["trainable"])

@@ -22,9 +22,10 @@ from contextlib import AbstractContextManager, ExitStack
 import torch
 from torch import Tensor, nn
 
-from exert_ds.model.architecture import STAT_GROUP, block_linears, decoder_layers, geometry
+from exert_ds.model.architecture import block_linears, decoder_layers, geometry
 from exert_ds.prune.calibration import InputStatistics, advance_block, capture_block_inputs
-from exert_ds.prune.foresight import ROLES, HeadGeometry, companion_factors, companion_sumsq, role_scores
+from exert_ds.prune.foresight import HeadGeometry, companion_factors, companion_sumsq, role_scores
+from exert_ds.roles import ROLES, STAT_GROUP
 
 
 def _output_energy_hooks(linears: dict[str, nn.Module], sums: dict[str, Tensor]) -> list:

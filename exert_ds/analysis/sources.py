@@ -13,9 +13,9 @@ from safetensors import safe_open
 from torch import Tensor
 
 from exert_ds.errors import ConfigError
-from exert_ds.model.architecture import ROLE_TABLES
-from exert_ds.prune.foresight import ROLES
-from exert_ds.storage.expert import assemble, is_expert_dir, read_manifest, verify_files
+from exert_ds.roles import ROLE_TABLES, ROLES
+from exert_ds.storage.expert import read_tensor, verify_files
+from exert_ds.storage.manifest import is_expert_dir, read_expert_manifest
 
 HF_INDEX = "model.safetensors.index.json"
 HF_SINGLE = "model.safetensors"
@@ -58,9 +58,7 @@ class WeightSource:
         if name not in self.shapes:
             raise ConfigError(f"{self.path} has no tensor {name}")
         if self.kind == "expert":
-            one = {**self._manifest, "tensors": {name: self._manifest["tensors"][name]}}
-            _, weight = next(assemble(self.path, one, check=True))
-            return weight
+            return read_tensor(self.path, self._manifest, name, check=True)
         with safe_open(self._files[name], framework="pt") as fh:
             return fh.get_tensor(name)
 
@@ -85,7 +83,7 @@ def open_source(path: str | Path) -> WeightSource:
         raise ConfigError(f"{path} is not a directory; give a sparse expert or a Hugging Face model directory")
     config = _config(path)
     if is_expert_dir(path):
-        manifest = read_manifest(path)
+        manifest = read_expert_manifest(path)
         verify_files(path, manifest)
         shapes = {name: tuple(e["shape"]) for name, e in manifest["tensors"].items()}
         return WeightSource(path, "expert", config, shapes, manifest)
