@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from exert_ds.analysis.command import add_analyze_parser
 from exert_ds.errors import ConfigError
 
 DESCRIPTION = (
@@ -104,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="output_dir/checkpoints/step-… (a training checkpoint), output_dir/checkpoints (its latest) or "
         "output_dir/expert (the sparse expert)",
     )
+    add_analyze_parser(sub)
     return parser
 
 
@@ -121,6 +123,10 @@ def run_command(args: argparse.Namespace, rest: list[str]) -> int:
         from exert_ds.evaluation.evaluate import eval_command
 
         return eval_command(rest, verbose=args.verbose)
+    if args.command == "analyze":
+        from exert_ds.analysis.command import analyze_command
+
+        return analyze_command(args)
     from exert_ds.config import load_config
 
     cfg = load_config(args.config, _overrides(args.set))

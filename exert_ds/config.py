@@ -25,7 +25,8 @@ from exert_ds.errors import ConfigError
 from exert_ds.prune.pattern import pattern_problem
 from exert_ds.roles import LLAMA_LIKE_ROLES, ROLES
 
-BOOKKEEPING_KEYS = ("log_every", "save_every_steps", "keep_checkpoints")  # train.* keys a resume may change
+# train.* keys a resume may change
+BOOKKEEPING_KEYS = ("log_every", "save_every_steps", "keep_checkpoints", "save_event_adapters")
 
 
 class _Yaml12Loader(yaml.SafeLoader):
@@ -189,6 +190,7 @@ class TrainConfig:
     reset_after_prune: ResetPolicy = "none"  # Adam moments after an event (algorithm.md §5)
     save_every_steps: Positive | None = None  # checkpoints also after every prune event and at the end
     keep_checkpoints: Positive = 2
+    save_event_adapters: bool = False  # each event's adapter before its merge: output_dir/event_adapters/event-K
 
 
 @dataclass

@@ -11,6 +11,7 @@ by the one process that owns it, on the whole row.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -103,6 +104,9 @@ class PruneEvent:
         self.state = state or PruneState()
         geo = geometry(model)
         self.heads = HeadGeometry(geo.num_heads, geo.num_kv_heads, geo.head_dim)
+        # called as adapter_sink(event, block, lora_layers, adapters) with each block's gathered (A, B, s) before
+        # anything is merged (train.save_event_adapters keeps them: the event re-initialises the adapter)
+        self.adapter_sink: Callable[[int, int, dict[str, LoraLayer], dict[str, tuple]], None] | None = None
 
     @torch.no_grad()
     def run(self, calibration_ids: Tensor, sparsity: float, pbs: bool, ema: bool, progress: bool = True) -> EventReport:
@@ -181,6 +185,8 @@ class PruneEvent:
         n, m = cfg.prune.n, cfg.prune.m
         access = {role: self.backend.linear(layer) for role, layer in lora_layers.items()}
         adapters = {role: acc.adapter() for role, acc in access.items()}  # A: (r, in), B: (out, r), s
+        if self.adapter_sink is not None:
+            self.adapter_sink(event, block, lora_layers, adapters)
         effective, previous_keep = {}, {}
         for role, acc in access.items():
             a, b, scale = adapters[role]

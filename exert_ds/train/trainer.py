@@ -43,6 +43,7 @@ from exert_ds.storage.base_model import base_model_fingerprint
 from exert_ds.storage.checkpoint import TrainPosition, load_checkpoint, resolve_resume, save_checkpoint
 from exert_ds.storage.expert import write_expert
 from exert_ds.storage.export import export_expert
+from exert_ds.train.event_adapters import EventAdapterWriter
 
 
 class Logger:
@@ -91,6 +92,7 @@ class Session:
     perplexity_windows: torch.Tensor | None
     logger: Logger
     out_dir: Path
+    adapter_writer: EventAdapterWriter | None = None
 
 
 def check_pattern_fits(model: torch.nn.Module, n: int, m: int) -> None:
@@ -156,7 +158,10 @@ def build_session(cfg: RunConfig, with_training_data: bool, adapter: str | None 
         events = PruneEvent(engine.module, Zero3Backend(), cfg, PruneState())
     logger = Logger(out_dir, rank)
     share = ids[rank :: dist.get_world_size()]
-    return Session(cfg, engine, tokenizer, loader, sampler, events, share, windows, logger, out_dir)
+    writer = None
+    if cfg.train.save_event_adapters:
+        writer = events.adapter_sink = EventAdapterWriter(engine.module, out_dir, rank)
+    return Session(cfg, engine, tokenizer, loader, sampler, events, share, windows, logger, out_dir, writer)
 
 
 def build_engine(cfg: RunConfig, ds_config: dict, adapter: str | None = None) -> deepspeed.DeepSpeedEngine:
@@ -217,6 +222,8 @@ def load_adapter_weights(model: torch.nn.Module, adapter_dir: str) -> None:
 
 def run_event(session: Session, planned: PlannedEvent, step: int) -> EventReport:
     report = session.events.run(session.calibration, planned.sparsity, pbs=planned.pbs, ema=planned.ema)
+    if session.adapter_writer is not None:
+        session.adapter_writer.write()
     scalars = {**report.scalars(), "event/sparsity_target": planned.sparsity}
     session.logger.scalars(scalars, step)
     held = sum(r.held for r in report.roles.values())
@@ -361,6 +368,8 @@ def train(cfg: RunConfig, resume: str | None = None) -> Path | None:
         run_event(session, planned, step)
     if not cfg.prune.enabled:  # dense LoRA: merge only (an event at sparsity 0)
         session.events.run(session.calibration, 0.0, pbs=False, ema=False, progress=False)
+        if session.adapter_writer is not None:
+            session.adapter_writer.write()
     checkpoint(cfg.train.epochs, 0)
     return finish(session, position.dense_perplexity, pruned=cfg.prune.enabled)
 
