@@ -98,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest safetensors shard, e.g. 5GB, 500MB (default 5GB); one model.safetensors when it fits",
     )
     export.add_argument("--overwrite", action="store_true", help="replace HF_DIR if it exists and is not empty")
+    export.add_argument(
+        "--format",
+        choices=("dense", "compressed-tensors"),
+        default="dense",
+        help="dense safetensors (default), or compressed-tensors' sparse-bitmask / sparse-24-bitmask (2:4 runs) "
+        "with its compression config in config.json, as llm-compressor writes it; pip install 'exert_ds[deploy]'",
+    )
     inspect = command("inspect", INSPECT_HELP)
     inspect.add_argument(
         "path",

@@ -253,6 +253,12 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     return cls(**values)
 
 
+def build_dataclass(cls: type, raw: Any, where: str) -> Any:
+    """Dataclass `cls` from the mapping `raw`, its keys and value types checked as for a run YAML section
+    (`where`: the key path in messages); also used for `exert-ds eval --task-file` (evaluation/task_file.py)."""
+    return _build(cls, raw, where)
+
+
 def _choices(options: tuple) -> str:
     names = [repr(o) for o in options]
     return " or ".join(names) if len(names) == 2 else f"one of {', '.join(names)}"

@@ -51,6 +51,7 @@ BAD = [
     ({"prune": {"ramp": "linear"}}, "'prune.ramp' must be 'none' or 'cubic'"),
     ({"prune": {"ema_eta": 0.0}}, "'prune.ema_eta' must be in (0, 1]"),
     ({"prune": {"every_steps": 0}}, "'prune.every_steps' must be > 0"),
+    ({"prune": {"every_steps": "often"}}, "'prune.every_steps' must be int, got str 'often'"),  # int | None
     ({"prune": {"start_step": -1}}, "'prune.start_step' must be >= 0"),
     ({"prune": {"enabled": "yes"}}, "'prune.enabled' must be bool"),
     ({"pbs": {"reg": -1.0}}, "'pbs.reg' must be >= 0"),

@@ -43,6 +43,12 @@ FAMILIES = {
         LlamaForCausalLM,
         {"hidden_size": 63, "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 4, "intermediate_size": 71},
     ),
+    # every projection's input width a multiple of 4: N:M 2:4 applies to all seven
+    "llama-24": (
+        LlamaConfig,
+        LlamaForCausalLM,
+        {"hidden_size": 48, "num_attention_heads": 6, "num_key_value_heads": 2, "intermediate_size": 72},
+    ),
     # on 3 ranks every matrix straddles, q/k/v included (20 and 4 rows of 35)
     "llama-3rank": (
         LlamaConfig,

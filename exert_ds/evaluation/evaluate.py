@@ -8,6 +8,7 @@ can be evaluated. Metrics are computed from the gathered per-example scores and 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import platform
@@ -99,10 +100,29 @@ class EvalSettings:
     seed: int = field(default=0, metadata=_flag("seed of --max-examples and the bootstrap"))
     bootstrap: int = field(default=1000, metadata=_flag("bootstrap resamples of the 95%% interval"))
     save_scores: bool = field(default=False, metadata=_flag("also write per-example predictions and log-likelihoods"))
+    task_file: str | None = field(
+        default=None,
+        metadata=_flag(
+            "labelled tasks defined in a YAML file (evaluation/task_file.py); --tasks defaults to all of them"
+        ),
+    )
+    sparse_kernels: str | None = field(
+        default=None,
+        metadata=_flag(
+            "2:4: tasks and perplexity on torch's 2:4 semi-structured sparse kernels (CUDA, one process)",
+            choices=["2:4"],
+        ),
+    )
+    lm_eval_tasks: list[str] = field(
+        default_factory=list,
+        metadata=_flag("comma-separated lm-evaluation-harness tasks, run on the same model", metavar="TASKS"),
+    )
+    lm_eval_include: str | None = field(default=None, metadata=_flag("folder of lm-eval task YAMLs", metavar="DIR"))
 
     def __post_init__(self) -> None:
         # `--tasks a,b` (as it always was) and `--tasks a b` both give [a, b]
         self.tasks = [name.strip() for item in self.tasks for name in item.split(",") if name.strip()]
+        self.lm_eval_tasks = [name.strip() for item in self.lm_eval_tasks for name in item.split(",") if name.strip()]
 
     def task_paths(self) -> dict[str, str]:
         """`--task-data TASK=PATH` pairs as task → path."""
@@ -158,6 +178,18 @@ def perplexity_source(spec: PerplexitySet, data_dir: str | None, scratch: Path) 
     return DataSource(str(path), text_field=spec.field, filter=spec.filter)
 
 
+def check_lm_eval_request(settings: EvalSettings) -> None:
+    """--lm-eval-tasks: lm-eval installed, and one process (its HFLM takes a whole model)."""
+    import importlib.util
+
+    from exert_ds.runtime.dist import launched_world_size
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise ConfigError("--lm-eval-tasks needs lm-evaluation-harness: pip install 'exert_ds[lm-eval]'")
+    if settings.deepspeed or launched_world_size() > 1:
+        raise ConfigError("--lm-eval-tasks runs in one process: start exert-ds eval without a launcher or --deepspeed")
+
+
 def check_settings(settings: EvalSettings) -> None:
     """Everything that can be checked before a process group or a model exists."""
     for name in settings.tasks:
@@ -166,8 +198,10 @@ def check_settings(settings: EvalSettings) -> None:
         get_task(name)
     for spec in settings.perplexity:
         perplexity_set(spec)
-    if not settings.tasks and not settings.perplexity:
-        raise ConfigError("exert-ds eval: nothing to do; give --tasks and/or --perplexity")
+    if settings.lm_eval_tasks:
+        check_lm_eval_request(settings)
+    if not settings.tasks and not settings.perplexity and not settings.lm_eval_tasks:
+        raise ConfigError("exert-ds eval: nothing to do; give --tasks, --perplexity and/or --lm-eval-tasks")
     for key, value in (("--max-length", settings.max_length), ("--micro-batch", settings.micro_batch)):
         if value < 2 if key == "--max-length" else value < 1:
             raise ConfigError(f"{key} must be positive, got {value}")
@@ -227,6 +261,15 @@ def run_eval(settings: EvalSettings) -> dict[str, Any]:
     from exert_ds.evaluation.sparsity import check_promise, sparsity_report
     from exert_ds.storage.atomic import SharedWrite, write_errors
 
+    if settings.task_file:  # its tasks join the registry; with no --tasks, all of them run
+        from exert_ds.evaluation.task_file import register_task_file
+
+        names = register_task_file(settings.task_file)
+        settings.tasks = settings.tasks or names
+    if settings.sparse_kernels:  # before the model loads: CUDA, one process
+        from exert_ds.evaluation.sparse_kernels import check_request
+
+        check_request(settings.sparse_kernels, settings.deepspeed)
     check_settings(settings)
     data_dir = resolve_data_dir(settings)
     # Data first: a missing file or bad field stops here, before the (long) model load.
@@ -253,6 +296,12 @@ def run_eval(settings: EvalSettings) -> dict[str, Any]:
         "tasks": {},
         "perplexity": {},
     }
+    kernels = contextlib.ExitStack()  # --sparse-kernels: tasks and perplexity run on 2:4 sparse weights
+    if settings.sparse_kernels:
+        from exert_ds.evaluation.sparse_kernels import semi_structured_weights
+
+        swapped = kernels.enter_context(semi_structured_weights(model))
+        results["sparse_kernels"] = {"pattern": settings.sparse_kernels, "matrices": swapped}
     for examples in task_examples:
         with user_errors(f"task {examples.task.name}"):
             sequences = build_sequences(tokenizer, examples.prompts, examples.verbalisations, settings.max_length)
@@ -269,6 +318,18 @@ def run_eval(settings: EvalSettings) -> dict[str, Any]:
             ppl = perplexity(model, windows, settings.micro_batch, runtime.rank, runtime.world, runtime.reduce)
             results["perplexity"][spec.name] = {"domain": spec.domain, "window": settings.window, **ppl}
             runtime.log(f"perplexity {spec.name}: {ppl['perplexity']:.4f}")
+    if settings.lm_eval_tasks:  # lm-evaluation-harness on the same model (evaluation/lm_eval_model.py)
+        from exert_ds.evaluation.lm_eval_model import lm_eval_results
+
+        results["lm_eval"] = lm_eval_results(
+            model,
+            tokenizer,
+            settings.lm_eval_tasks,
+            settings.lm_eval_include,
+            settings.micro_batch,
+            settings.max_length,
+        )
+    kernels.close()
     report = sparsity_report(model, runtime.reduce)
     promised = settings.expect_sparsity if settings.expect_sparsity is not None else runtime.promised_sparsity
     if promised is not None:

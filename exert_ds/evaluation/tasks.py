@@ -178,6 +178,8 @@ def task_location(task: Task, data_dir: str | Path | None, override: str | None)
     """Where the task's records are read: the per-task override, else source under data_dir."""
     if override:
         return override
+    if Path(task.source).is_absolute():  # a task file's source, resolved next to the file
+        return task.source
     if task.source == LICENSEDCODE:
         return str(licensedcode_dir())
     if data_dir is None:

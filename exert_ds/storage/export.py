@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -65,8 +66,11 @@ def _side_files(expert: Path, manifest: dict) -> list[Path]:
     return [expert / name for name in manifest["files"] if name not in ranks]
 
 
-def export_expert(src: str | Path, out: str | Path, max_shard_size: str | int = "5GB", overwrite: bool = False) -> Path:
-    """Write the Hugging Face directory `out` from the expert at `src`; atomic (temporary directory, renamed)."""
+def export_expert(
+    src: str | Path, out: str | Path, max_shard_size: str | int = "5GB", overwrite: bool = False, fmt: str = "dense"
+) -> Path:
+    """Write the Hugging Face directory `out` from the expert at `src`; atomic (temporary directory, renamed).
+    `fmt`: "dense" (plain safetensors) or "compressed-tensors" (storage/compressed.py)."""
     expert = resolve_expert(src)
     cap = parse_shard_size(max_shard_size)
     out = Path(out)
@@ -75,7 +79,17 @@ def export_expert(src: str | Path, out: str | Path, max_shard_size: str | int = 
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"--out {out} exists and is not empty; choose another directory or pass --overwrite")
     manifest = read_manifest(expert)
+    verify_files(expert, manifest)  # sha256 of every file before anything is read
     specs = {name: (getattr(torch, e["dtype"]), tuple(e["shape"])) for name, e in manifest["tensors"].items()}
+
+    def read(names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:  # checks every pruned row's zeros
+        return assemble(expert, manifest, check=True, names=names)
+
+    if fmt == "compressed-tensors":
+        from exert_ds.storage.compressed import CompressedTensorsExport
+
+        compressed = CompressedTensorsExport(expert, manifest)
+        specs, read = compressed.specs, compressed.pieces
     split = split_state_dict_into_shards_factory(
         specs,
         get_storage_size=lambda spec: nbytes(*spec),
@@ -87,14 +101,13 @@ def export_expert(src: str | Path, out: str | Path, max_shard_size: str | int = 
     with write_errors(tmp):
         tmp.mkdir(parents=True)
     try:
-        verify_files(expert, manifest)  # sha256 of every file before anything is read
         bar = tqdm(total=len(specs), desc="export", unit="tensor")
         for filename, names in split.filename_to_tensors.items():  # the planner's order, not the manifest's
             with write_errors(tmp / filename):
                 shard = SafetensorsStream(
                     tmp / filename, [(n, *specs[n]) for n in names], metadata={"format": "pt"}, digest=False
                 )
-                for name, tensor in assemble(expert, manifest, check=True, names=names):  # every pruned row's zeros
+                for name, tensor in read(names):
                     shard.write(name, tensor)
                     del tensor
                     bar.update(1)
@@ -107,6 +120,9 @@ def export_expert(src: str | Path, out: str | Path, max_shard_size: str | int = 
         for side in _side_files(expert, manifest):
             with write_errors(tmp / side.name):
                 shutil.copy2(side, tmp / side.name)
+        if fmt == "compressed-tensors":
+            with write_errors(tmp / "config.json"):
+                compressed.update_config(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -114,6 +130,6 @@ def export_expert(src: str | Path, out: str | Path, max_shard_size: str | int = 
 
 
 def export_command(args: argparse.Namespace) -> int:
-    out = export_expert(args.ckpt, args.out, args.max_shard_size, overwrite=args.overwrite)
+    out = export_expert(args.ckpt, args.out, args.max_shard_size, overwrite=args.overwrite, fmt=args.format)
     print(f"wrote {out}")
     return 0
