@@ -25,8 +25,8 @@ from lm_eval.models.huggingface import HFLM
 from exert_ds.config import ModelConfig
 from exert_ds.errors import ConfigError
 from exert_ds.model.loading import load_tokenizer
-from exert_ds.storage.expert import is_expert_dir
 from exert_ds.storage.expert_model import load_expert_model
+from exert_ds.storage.manifest import is_expert_dir
 
 NAME = "exert_ds"
 
