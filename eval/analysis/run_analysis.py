@@ -65,8 +65,10 @@ def env_for(slot: int, gpus: int) -> dict[str, str]:
         "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
         "NCCL_NVLS_ENABLE": "0",
     }
-    if gpus:
-        env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
+    if gpus:  # slot → one of the GPUs this process may use (CUDA_VISIBLE_DEVICES narrows them, as torch reads it)
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+        devices = visible.split(",") if visible else [str(i) for i in range(gpus)]
+        env["CUDA_VISIBLE_DEVICES"] = devices[slot % min(gpus, len(devices))]
     else:
         env["DS_ACCELERATOR"] = "cpu"
     return env
