@@ -2,13 +2,13 @@
 # Issues 16 and 17 in one call on nvidia-h200-x2 (2026-11-30): GPU 0 runs the 2:4 inference bench alone
 # (eval/bench_inference.py); GPU 1 runs the analysis reproduction (eval/analysis/run_analysis.sh: five SmolLM2
 # experts, then `exert-ds analyze`), and the 7B export sizes (eval/bench_export_size.py, CPU-bound) run beside it.
-# Staged before, in the same lease (call 1, carry .stage/a .stage/qd .stage/ct):
-#   mkdir -p /root/m/ct && cp .stage/a/part_aa /root/m/ && tar xzf .stage/qd/quality_data.tgz -C /root/m && cp .stage/ct/*.whl /root/m/ct/
-# (.stage/ct: compressed-tensors 0.13.0 and loguru wheels). This call: carry .stage/b .whl.
+# Staged before, in the same lease (call 1, carry .stage/a .stage/qd):
+#   mkdir -p /root/m && cp .stage/a/part_aa /root/m/ && tar xzf .stage/qd/quality_data.tgz -C /root/m
+# This call: carry .stage/b .whl (.whl also holds the compressed-tensors 0.13.0 and loguru wheels).
 # Everything lands in $OUT/all.tgz (the device returns at most 8 files, two folders deep).
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl /root/m/ct/*.whl || exit 1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=$PWD:/tmp/site PATH=/tmp/site/bin:$PATH
 root=$OUT; mkdir -p "$root/inf" "$root/an" "$root/es"
 (CUDA_VISIBLE_DEVICES=0 python3 eval/bench_inference.py --out "$root/inf/inference.json" --budget-s "${INF_BUDGET:-300}" > "$root/inf/log.txt" 2>&1
