@@ -5,7 +5,7 @@
 # Staged before, in the same lease (call 1, carry .stage/a .stage/qd):
 #   mkdir -p /root/m && cp .stage/a/part_aa /root/m/ && tar xzf .stage/qd/quality_data.tgz -C /root/m
 # This call: carry .stage/b .whl (.whl also holds the compressed-tensors 0.13.0 and loguru wheels).
-# Everything lands in $OUT/all.tgz (the device returns at most 8 files, two folders deep).
+# Everything lands in $OUT/part_* (the device returns at most 8 files of 16 MiB, two folders deep).
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -18,6 +18,7 @@ root=$OUT; mkdir -p "$root/inf" "$root/an" "$root/es"
  timeout 250 python3 eval/bench_export_size.py --config-dir eval/configs/llama2_7b_shape --sparsity 0.5 --work-dir /tmp/es50 --out "$root/es/export_size_7b_50.json" > "$root/es/log_50.txt" 2>&1; rm -rf /tmp/es50) &
 CUDA_VISIBLE_DEVICES=1 GPUS=1 DEADLINE="${AN_DEADLINE:-480}" OUT="$root/an" bash eval/analysis/run_analysis.sh > "$root/an_log.txt" 2>&1
 wait
-tail -5 "$root/an_log.txt" "$root/inf/log.txt" "$root/es/"log_*.txt
-tar czf /tmp/all.tgz -C "$root" . && rm -rf "${root:?}"/* && mv /tmp/all.tgz "$root/all.tgz"
+for f in "$root/an_log.txt" "$root/inf/log.txt" "$root/es/"log_*.txt; do tail -n 5 "$f"; done
+# one tarball in 15 MB parts (the device returns files of at most 16 MiB); here: cat part_* | tar xzf -
+tar czf /tmp/all.tgz -C "$root" . && rm -rf "${root:?}"/* && split -b 15m /tmp/all.tgz "$root/part_"
 ls -la "$root"
