@@ -37,6 +37,12 @@ class TokenBlocks(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {"input_ids": self.input_ids[i], "labels": self.labels[i], "attention_mask": self.attention_mask[i]}
 
+    def whole_batches(self, batch: int) -> TokenBlocks:
+        """The first ⌊N / batch⌋ · batch examples: what an epoch of whole global batches of `batch` examples
+        (DeepSpeed's train_batch_size) uses. The rest is dropped every epoch, as DataLoader's drop_last drops it."""
+        count = len(self) // batch * batch
+        return TokenBlocks(self.input_ids[:count], self.labels[:count], self.attention_mask[:count])
+
 
 def load_records(source: DataSource) -> datasets.Dataset:
     """The source's records after `filter` and `max_records`, with every field its format reads checked up front."""
