@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from transformers import set_seed
 
 from exert_ds.config import RunConfig
-from exert_ds.data import build_train_dataset, calibration_batch
+from exert_ds.data import build_train_dataset, calibration_batch, check_source_files
 from exert_ds.errors import ConfigError, user_errors
 from exert_ds.evaluation.perplexity import perplexity, text_windows
 from exert_ds.evaluation.sparsity import sparsity_report
@@ -113,6 +113,11 @@ def check_pattern_fits(model: torch.nn.Module, n: int, m: int) -> None:
 def build_session(cfg: RunConfig, with_training_data: bool, adapter: str | None = None) -> Session:
     world = launched_world_size()
     ds_config = load_ds_config(cfg.deepspeed, world)  # checked before the process group starts
+    readers = [("calibration", cfg.calibration_sources()), ("eval.perplexity", cfg.eval.perplexity)]
+    for what, sources in [("data.train", cfg.data.train if with_training_data else [])] + readers:
+        with user_errors(what):  # empty, blank or non-UTF-8 files: named before the process group starts
+            for source in sources:
+                check_source_files(source)
     if cfg.calibration.num_samples % world:
         raise ConfigError(
             f"config key 'calibration.num_samples' ({cfg.calibration.num_samples}) must be a multiple of the "
