@@ -24,6 +24,7 @@ import yaml
 from exert_ds.errors import ConfigError
 from exert_ds.prune.pattern import pattern_problem
 from exert_ds.roles import LLAMA_LIKE_ROLES, ROLES
+from exert_ds.validation import check_lora, check_model, check_output_dir
 
 # train.* keys a resume may change
 BOOKKEEPING_KEYS = ("log_every", "save_every_steps", "keep_checkpoints", "save_event_adapters")
@@ -377,6 +378,7 @@ def validate(cfg: RunConfig, base_dir: Path) -> None:
         bool(cfg.model.name_or_path), "config key 'model.name_or_path' is required (hub name, HF directory or .gguf)"
     )
     _check_pruning(cfg)
+    check_lora(cfg.lora)  # PEFT's own schema first, then what the run needs of it
     _check_lora(cfg)
     _check(
         bool(cfg.data.train),
@@ -388,6 +390,8 @@ def validate(cfg: RunConfig, base_dir: Path) -> None:
             f"data source {i} ({source.path}): format must be 'text' or 'instruction', got {source.format!r}",
         )
     _resolve_local_paths(cfg, base_dir)
+    check_model(cfg.model.attn_implementation)
+    check_output_dir("train.output_dir", cfg.train.output_dir)
 
 
 def _check_lora(cfg: RunConfig) -> None:

@@ -6,13 +6,19 @@ ordering is drawn from a seed, so each rank and each re-run of a config sees the
 
 from __future__ import annotations
 
+import functools
+import gzip
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from string import Formatter
+from typing import BinaryIO
 
 import datasets
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 from transformers import PreTrainedTokenizerBase
 
@@ -21,6 +27,7 @@ from exert_ds.config import DATA_FORMATS, DataSource
 BUILDERS = {".jsonl": "json", ".jsonl.gz": "json", ".json": "json", ".parquet": "parquet"}
 IGNORE_INDEX = -100  # label of tokens without loss (the default ignore_index of torch's cross entropy)
 COLUMNS = ("input_ids", "labels", "attention_mask")
+CHUNK_BYTES = 1 << 24  # data files are checked in pieces of 16 MiB
 
 
 @dataclass
@@ -37,15 +44,24 @@ class TokenBlocks(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {"input_ids": self.input_ids[i], "labels": self.labels[i], "attention_mask": self.attention_mask[i]}
 
+    def whole_batches(self, batch: int) -> TokenBlocks:
+        """The first ⌊N / batch⌋ · batch examples: what an epoch of whole global batches of `batch` examples
+        (DeepSpeed's train_batch_size) uses. The rest is dropped every epoch, as DataLoader's drop_last drops it."""
+        count = len(self) // batch * batch
+        return TokenBlocks(self.input_ids[:count], self.labels[:count], self.attention_mask[:count])
+
 
 def load_records(source: DataSource) -> datasets.Dataset:
     """The source's records after `filter` and `max_records`, with every field its format reads checked up front."""
     wanted = dict(source.filter or {})
     needed = [*wanted, *(field for _, fields in _templates(source).values() for field in fields.values())]
-    local = _local_files(source)
+    local = check_source_files(source)
     if local:
         builder, files = local
-        records = datasets.load_dataset(builder, data_files=files, split="train")
+        try:
+            records = datasets.load_dataset(builder, data_files=files, split="train")
+        except (datasets.exceptions.DatasetGenerationError, pa.ArrowException) as err:
+            raise ValueError(_load_problem(files, err)) from err
     else:
         records = datasets.load_dataset(source.path, split=source.split)
     for name in needed:
@@ -130,6 +146,105 @@ def calibration_batch(
         )
     pick = torch.randperm(windows.shape[0], generator=torch.Generator().manual_seed(seed))[:num_samples]
     return windows[pick]
+
+
+def check_source_files(source: DataSource) -> tuple[str, list[str]] | None:
+    """check_data_file on every file of a local source; returns its (datasets builder, files), None for a hub
+    data set. Raises ValueError naming the file that cannot give records."""
+    local = _local_files(source)
+    for file in local[1] if local else ():
+        check_data_file(file)
+    return local
+
+
+def check_data_file(path: str | Path) -> None:
+    """Raise ValueError, naming the file (and for text the line), if `path` cannot give records: 0 bytes; a JSON or
+    JSON Lines file (.gz too) or any other text file that is not UTF-8 or holds only blank lines; a Parquet file
+    whose footer does not read or that holds no rows. Every reader of data files (training, calibration, perplexity,
+    evaluation tasks) calls it before reading, so each fault is reported the same way; Arrow itself would take
+    bad bytes into a string column and fail only when the row is read, without saying where."""
+    path = Path(path)
+    stat = path.stat()
+    _check_data_file(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=1024)
+def _check_data_file(path: str, size: int, mtime_ns: int) -> None:
+    """check_data_file for one version of a file (size, mtime): a run reads a file for training, calibration and
+    perplexity, and checks it once."""
+    if size == 0:
+        raise ValueError(f"data file {path} is empty (0 bytes); fill it or leave it out of the source")
+    if _builder(path) == "parquet":
+        try:
+            rows = pq.ParquetFile(path).metadata.num_rows
+        except (pa.ArrowException, OSError) as err:
+            raise ValueError(f"data file {path} is not a readable Parquet file ({err})") from err
+        if not rows:
+            raise ValueError(f"data file {path} holds no rows; fill it or leave it out of the source")
+        return
+    try:
+        with gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb") as stream:
+            problem = _text_problem(stream)
+    except (OSError, EOFError) as err:  # gzip.BadGzipFile is an OSError
+        raise ValueError(f"data file {path} could not be read: {err}") from err
+    if problem:
+        raise ValueError(f"data file {path}{problem}")
+
+
+def _text_problem(stream: BinaryIO) -> str | None:
+    """', line N: ...' for the first byte that is not UTF-8, ' holds only blank lines ...' for a file of
+    whitespace, or None; read in CHUNK_BYTES pieces (a character cut by a piece's end is carried over)."""
+    line, offset, carry, blank = 1, 0, b"", True
+    while True:
+        chunk = stream.read(CHUNK_BYTES)
+        data = carry + chunk
+        if not data:
+            break
+        try:
+            data.decode("utf-8")
+            good, carry = data, b""
+        except UnicodeDecodeError as err:
+            cut = err.reason == "unexpected end of data" and err.end == len(data)
+            if not (cut and chunk):  # a byte that is not UTF-8, or a character cut off by the end of the file
+                where = line + data.count(b"\n", 0, err.start)
+                return (
+                    f", line {where}: byte 0x{data[err.start]:02x} (at byte {offset + err.start} of the file) is not "
+                    "UTF-8 text; save the file as UTF-8"
+                )
+            good, carry = data[: err.start], data[err.start :]
+        blank = blank and (not good or good.isspace())
+        line += good.count(b"\n")
+        offset += len(good)
+        if not chunk:
+            break
+    return " holds only blank lines (no records); fill it or leave it out of the source" if blank else None
+
+
+def _load_problem(files: list[str], err: Exception) -> str:
+    """What `datasets` could not read: the first line of a JSON Lines file that is not a JSON object, else its
+    message (the files checked by check_data_file are UTF-8 and not blank)."""
+    for file in files:
+        if _builder(file) != "json":
+            continue
+        with gzip.open(file, "rt", encoding="utf-8") if file.endswith(".gz") else open(file, encoding="utf-8") as f:
+            text = f.read()
+        try:
+            json.loads(text)
+            continue  # one JSON document (an array or an object of records)
+        except json.JSONDecodeError as bad:
+            if text.lstrip().startswith("["):  # one array of records
+                return f"data file {file}, line {bad.lineno}: not valid JSON ({bad.msg}, column {bad.colno})"
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as bad:
+                return f"data file {file}, line {number}: not a JSON record ({bad.msg}, column {bad.colno})"
+            if not isinstance(record, dict):
+                return f"data file {file}, line {number}: a JSON {type(record).__name__}, not a record (an object)"
+    cause = err.__cause__ or err
+    return f"data files {', '.join(files)} could not be read: {' '.join(str(cause).split())}"
 
 
 def _builder(name: str) -> str | None:

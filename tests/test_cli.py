@@ -1,4 +1,5 @@
-"""exert_ds.cli's process hygiene: DeepSpeed's leftover shared-memory buffer is removed; only rank 0 speaks."""
+"""exert_ds.cli's process hygiene: DeepSpeed's shared-memory buffer is removed on every exit path; only rank 0
+speaks."""
 
 import os
 from pathlib import Path
@@ -6,6 +7,8 @@ from pathlib import Path
 import pytest
 
 from exert_ds.runtime.dist import remove_deepspeed_shm_buffer
+from tests.fixtures import run_yaml
+from tests.launch import REPO, deepspeed_cpu, free_port
 
 
 @pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="no /dev/shm")
@@ -65,3 +68,33 @@ def test_deepspeed_speaks_info_only_when_verbose():
         levels.append((logger.level, logger.handlers[0].level))
     set_verbosity(False, 0)
     assert levels == [(30, 30), (20, 20), (40, 40)]  # WARNING, INFO, ERROR
+
+
+def shm_buffers(port: int) -> list[Path]:
+    """DeepSpeed's shared-memory all-reduce buffers of the job on MASTER_PORT `port`, one per rank."""
+    return sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
+
+
+@pytest.mark.distributed
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="no /dev/shm")
+def test_a_run_that_fails_after_the_process_group_started_leaves_no_shm_buffer(tmp_path):
+    """A one-line error found after the process group started (the launcher may end the slower rank before it
+    prints its line) leaves no buffer. Before the fix only a successful run removed them."""
+    config = run_yaml(tmp_path, calibration={"num_samples": 400, "seq_len": 16})
+    port = free_port()
+    proc = deepspeed_cpu(["--module", "exert_ds", "train", "--config", str(config)], 2, 300, port, check=False)
+    assert proc.returncode != 0 and "exert-ds: error: calibration: calibration needs 400" in proc.stderr
+    assert shm_buffers(port) == []
+
+
+@pytest.mark.distributed
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="no /dev/shm")
+@pytest.mark.parametrize("how", ["exception", "sigterm"])
+def test_a_crashed_or_terminated_run_leaves_no_shm_buffer(how):
+    """Rank 1 crashes (an exception) or is ended by SIGTERM after the process group started; the launcher then
+    ends rank 0 with SIGTERM. Neither rank's buffer is left."""
+    port = free_port()
+    worker = str(REPO / "tests" / "workers" / "fail_after_init.py")
+    proc = deepspeed_cpu([worker, "--how", how], 2, 300, port, check=False)
+    assert proc.returncode != 0
+    assert shm_buffers(port) == []

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from exert_ds.config import ModelConfig
-from exert_ds.data import DataSource
+from exert_ds.data import DataSource, check_source_files
 from exert_ds.errors import ConfigError
 from exert_ds.evaluation.metrics import classification_report
 from exert_ds.evaluation.tasks import LICENSEDCODE, TASKS, get_task, licensedcode_records, load_task
@@ -277,6 +277,10 @@ def run_eval(settings: EvalSettings) -> dict[str, Any]:
         load_task(get_task(n), data_dir, settings.task_paths().get(n), settings.max_examples, settings.seed)
         for n in settings.tasks
     ]
+    for spec in map(perplexity_set, settings.perplexity):  # the perplexity sets' files too (licence texts: later)
+        if spec.path != LICENSEDCODE:
+            with user_errors(f"--perplexity {spec.name}"):
+                check_source_files(perplexity_source(spec, data_dir, scratch=Path()))
     runtime = open_model(
         ModelConfig(settings.model, dtype=settings.dtype, tokenizer=settings.tokenizer), settings.deepspeed
     )

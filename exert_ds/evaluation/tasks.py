@@ -18,7 +18,7 @@ from string import Formatter
 import numpy as np
 import yaml
 
-from exert_ds.data import DataSource, load_records
+from exert_ds.data import DataSource, check_data_file, load_records
 from exert_ds.errors import ConfigError
 
 LICENSEDCODE = "licensedcode"  # Task.source of the licence texts installed by `pip install licensedcode-data`
@@ -135,6 +135,10 @@ def licensedcode_records(licenses_dir: str | Path | None = None) -> list[dict[st
         raise ConfigError(f"task license_category: {directory} holds no .LICENSE files")
     records = []
     for path in files:
+        try:
+            check_data_file(path)
+        except ValueError as err:
+            raise ConfigError(f"task license_category: {err}") from err
         parts = path.read_text(encoding="utf-8").split("---", 2)
         if len(parts) != 3 or parts[0].strip():
             raise ConfigError(

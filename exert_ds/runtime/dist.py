@@ -74,6 +74,7 @@ def set_verbosity(verbose: bool, rank: int) -> None:
 def init_distributed() -> None:
     """Start the process group: NCCL on GPUs, gloo on CPU; MPI discovery when started by bare mpirun."""
     import deepspeed
+    import torch.distributed
     from deepspeed.accelerator import get_accelerator
 
     backend = "gloo" if get_accelerator().device_name() == "cpu" else None
@@ -82,6 +83,9 @@ def init_distributed() -> None:
     quiet_other_ranks(deepspeed.comm.get_rank())
     if get_accelerator().device_name() != "cpu":
         get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    else:
+        torch.distributed.barrier()  # every rank has mapped every peer's shared-memory buffer
+        remove_deepspeed_shm_buffer(torch.distributed.get_rank())
 
 
 def shutdown_distributed() -> None:
@@ -90,14 +94,14 @@ def shutdown_distributed() -> None:
 
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
-        rank = torch.distributed.get_rank()
         torch.distributed.destroy_process_group()
-        remove_deepspeed_shm_buffer(rank)
 
 
 def remove_deepspeed_shm_buffer(rank: int) -> None:
     """DeepSpeed's CPU shared-memory all-reduce (op deepspeed_shm_comm, deepspeed 0.19.8) creates
     /dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank> (69 MB) and never unlinks it; a
-    machine that runs many CPU jobs fills its memory with them. Remove this rank's once every rank has left."""
+    machine that runs many CPU jobs fills its memory with them. `init_distributed` unlinks this rank's as soon as
+    every rank has mapped it (POSIX shared memory lives on, unnamed, until its last mapping goes), so no exit path
+    leaves it behind: a one-line error, an exception, SIGTERM from the launcher, or SIGKILL."""
     addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
     Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}").unlink(missing_ok=True)

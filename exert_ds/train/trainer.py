@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from transformers import set_seed
 
 from exert_ds.config import RunConfig
-from exert_ds.data import build_train_dataset, calibration_batch
+from exert_ds.data import build_train_dataset, calibration_batch, check_source_files
 from exert_ds.errors import ConfigError, user_errors
 from exert_ds.evaluation.perplexity import perplexity, text_windows
 from exert_ds.evaluation.sparsity import sparsity_report
@@ -113,6 +113,11 @@ def check_pattern_fits(model: torch.nn.Module, n: int, m: int) -> None:
 def build_session(cfg: RunConfig, with_training_data: bool, adapter: str | None = None) -> Session:
     world = launched_world_size()
     ds_config = load_ds_config(cfg.deepspeed, world)  # checked before the process group starts
+    readers = [("calibration", cfg.calibration_sources()), ("eval.perplexity", cfg.eval.perplexity)]
+    for what, sources in [("data.train", cfg.data.train if with_training_data else [])] + readers:
+        with user_errors(what):  # empty, blank or non-UTF-8 files: named before the process group starts
+            for source in sources:
+                check_source_files(source)
     if cfg.calibration.num_samples % world:
         raise ConfigError(
             f"config key 'calibration.num_samples' ({cfg.calibration.num_samples}) must be a multiple of the "
@@ -126,7 +131,15 @@ def build_session(cfg: RunConfig, with_training_data: bool, adapter: str | None 
     dataset = None
     if with_training_data:  # data and calibration first: their errors come before the (long) model load
         with user_errors("data.train"):
-            dataset = build_train_dataset(cfg.data.train, tokenizer, cfg.data.seq_len, cfg.data.packing, cfg.train.seed)
+            examples = build_train_dataset(
+                cfg.data.train, tokenizer, cfg.data.seq_len, cfg.data.packing, cfg.train.seed
+            )
+        dataset = examples.whole_batches(ds_config["train_batch_size"])
+        if not len(dataset):
+            raise ConfigError(
+                f"data.train gives {len(examples)} examples of {cfg.data.seq_len} tokens, fewer than one global batch "
+                f"(DeepSpeed train_batch_size {ds_config['train_batch_size']}); add data or lower the batch size"
+            )
     with user_errors("calibration"):
         ids = calibration_batch(
             cfg.calibration_sources(), tokenizer, cfg.calibration.num_samples, cfg.calibration.seq_len, cfg.train.seed
@@ -150,10 +163,6 @@ def build_session(cfg: RunConfig, with_training_data: bool, adapter: str | None 
             drop_last=True,
             generator=torch.Generator().manual_seed(cfg.train.seed),
         )
-        if len(loader) < engine.gradient_accumulation_steps():
-            raise ConfigError(
-                f"data.train gives {len(loader)} micro-batches per rank, fewer than gradient_accumulation_steps; add data"
-            )
     with user_errors("prune"):
         events = PruneEvent(engine.module, Zero3Backend(), cfg, PruneState())
     logger = Logger(out_dir, rank)
@@ -220,7 +229,19 @@ def load_adapter_weights(model: torch.nn.Module, adapter_dir: str) -> None:
         )
 
 
+def assert_at_boundary(engine: deepspeed.DeepSpeedEngine, step: int) -> None:
+    """The trainer and the engine agree that `step` optimizer steps are done and no gradient is pending: the state a
+    prune event and a checkpoint need. An internal check (a failure is a bug in the training loop, not bad input)."""
+    accumulation = engine.gradient_accumulation_steps()
+    assert engine.micro_steps % accumulation == 0, (
+        f"the engine holds the gradient of {engine.micro_steps % accumulation} of {accumulation} micro-batches, "
+        f"pending at step {step}"
+    )
+    assert engine.global_steps == step, f"the engine took {engine.global_steps} optimizer steps, the trainer {step}"
+
+
 def run_event(session: Session, planned: PlannedEvent, step: int) -> EventReport:
+    assert_at_boundary(session.engine, step)
     report = session.events.run(session.calibration, planned.sparsity, pbs=planned.pbs, ema=planned.ema)
     if session.adapter_writer is not None:
         session.adapter_writer.write()
@@ -307,7 +328,11 @@ def finish(session: Session, dense_ppl: float | None, pruned: bool) -> Path | No
 
 def train(cfg: RunConfig, resume: str | None = None) -> Path | None:
     """The EfficientXpert run: LoRA training with prune events; writes the merged sparse expert.
-    Checkpoints every `train.save_every_steps`, after every event and at the end; `resume` continues one."""
+    Checkpoints every `train.save_every_steps`, after every event and at the end; `resume` continues one.
+
+    An epoch is ⌊examples / train_batch_size⌋ whole optimizer steps over the seeded order of the examples; the
+    examples left over (fewer than one global batch) are dropped every epoch, like DataLoader's drop_last, so no
+    optimizer step straddles two epochs and every event and checkpoint falls on an accumulation boundary."""
     root = Path(cfg.train.output_dir) / "checkpoints"
     base_model = base_model_fingerprint(cfg.model)  # None for a hub model not downloaded yet
     found = resolve_resume(root, resume, cfg.fingerprint(), base_model) if resume else None  # before any group
@@ -322,7 +347,8 @@ def train(cfg: RunConfig, resume: str | None = None) -> Path | None:
     else:
         position = replace(position, dense_perplexity=held_out_perplexity(session))  # B = 0: the dense model
     accumulation = engine.gradient_accumulation_steps()
-    steps_per_epoch = len(loader) // accumulation
+    steps_per_epoch, leftover = divmod(len(loader), accumulation)
+    assert not leftover, f"{len(loader)} micro-batches per epoch are not whole steps of {accumulation}"
     total = min(cfg.train.max_steps or steps_per_epoch * cfg.train.epochs, steps_per_epoch * cfg.train.epochs)
     plan = plan_events(cfg.prune, total, steps_per_epoch, cfg.pbs.at_final)
     logger.line(
@@ -332,6 +358,7 @@ def train(cfg: RunConfig, resume: str | None = None) -> Path | None:
 
     def checkpoint(epoch: int, micro: int) -> None:
         nonlocal position
+        assert_at_boundary(engine, step)
         position = replace(position, step=step, epoch=epoch, micro=micro, events_done=session.events.state.events_done)
         save_checkpoint(
             engine, session.events.state.ema, position, root, cfg.fingerprint(), cfg.train.keep_checkpoints, base_model
