@@ -30,6 +30,8 @@ from exert_ds.prune.pbs import MatmulPrecision
 from exert_ds.prune.scorers import SCORERS
 from exert_ds.runtime.access import ResetPolicy
 
+EmaDtype = Literal["float32", "bfloat16"]  # prune.ema_dtype
+DEFAULT_EMA_DTYPE: EmaDtype = "float32"  # the one place to flip to bfloat16 once its quality is measured (issue 18.1)
 BOOKKEEPING_KEYS = ("log_every", "save_every_steps", "keep_checkpoints")  # train.* keys a resume may change
 
 
@@ -138,6 +140,7 @@ class PruneConfig:
     ramp: Literal["none", "cubic"] = "none"  # "cubic": Zhu & Gupta ramp from 0 to sparsity over the events
     ema_eta: Annotated[float, Bounds(gt=0, le=1)] = 0.5
     reconstruct: Literal["none", "obs"] = "none"  # "obs": OBS update of the kept weights at each event (§8 a)
+    ema_dtype: EmaDtype = DEFAULT_EMA_DTYPE  # the EMA score state between events, as held and as checkpointed
 
 
 @dataclass
@@ -195,6 +198,8 @@ class RunConfig:
         fields = dataclasses.asdict(self)
         for key in BOOKKEEPING_KEYS:
             fields["train"].pop(key)
+        if fields["prune"]["ema_dtype"] == "float32":  # as checkpoints of format 3 held it: they still resume
+            fields["prune"].pop("ema_dtype")
         blob = json.dumps(fields, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()
 

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from exert_ds.errors import ConfigError
 from exert_ds.storage.atomic import publish, temporary_sibling, write_errors
-from exert_ds.storage.checkpoint import MANIFEST as CHECKPOINT_MANIFEST
+from exert_ds.storage.checkpoint_schema import MANIFEST as CHECKPOINT_MANIFEST
 from exert_ds.storage.expert import MANIFEST, assemble, is_expert_dir, rank_file, read_manifest, verify_files
 from exert_ds.storage.safetensors_stream import SafetensorsStream, nbytes
 

@@ -16,10 +16,11 @@ from safetensors import safe_open
 
 from exert_ds.errors import ConfigError
 from exert_ds.model.architecture import LLAMA_LIKE_ROLES
-from exert_ds.storage.checkpoint import LATEST, complete_checkpoints
-from exert_ds.storage.checkpoint import MANIFEST as CHECKPOINT_MANIFEST
-from exert_ds.storage.checkpoint import _rank_file as checkpoint_rank_file
+from exert_ds.storage.checkpoint import complete_checkpoints
 from exert_ds.storage.checkpoint import read_manifest as read_checkpoint_manifest
+from exert_ds.storage.checkpoint_schema import LATEST, WEIGHTS
+from exert_ds.storage.checkpoint_schema import MANIFEST as CHECKPOINT_MANIFEST
+from exert_ds.storage.checkpoint_schema import rank_file as checkpoint_rank_file
 from exert_ds.storage.expert import damage_line, damaged_files, is_expert_dir, rank_file, read_manifest
 
 
@@ -83,7 +84,7 @@ def describe_checkpoint(path: Path) -> tuple[list[str], str | None]:
     else:
         zeros: dict[str, list[int]] = {}
         for name in rank_files:
-            weights = torch.load(path / name, mmap=True, weights_only=False)["weights"]
+            weights = torch.load(path / name, mmap=True, weights_only=False)[WEIGHTS]
             for param, packed in weights.items():
                 count = zeros.setdefault(_role(param) or param, [0, 0])
                 count[0] += int(packed["numel"]) - _popcount(packed["mask"])
