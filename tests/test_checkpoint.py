@@ -225,6 +225,7 @@ def test_kill_9_anywhere_then_resume_is_bit_identical(uninterrupted):
 def as_format_3(folder: Path) -> None:
     """Rewrite a checkpoint as format 3 wrote it: EMA entries dense float32 tensors, no `fields` in the manifest."""
     from exert_ds.storage.atomic import sha256_file
+    from exert_ds.storage.checkpoint import write_manifest
 
     manifest = json.loads((folder / "manifest.json").read_text())
     for rank in range(manifest["world_size"]):
@@ -234,8 +235,8 @@ def as_format_3(folder: Path) -> None:
         torch.save(data, folder / name)
         manifest["files"][name] = sha256_file(folder / name)
     manifest["format"] = 3
-    del manifest["fields"]
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    del manifest["fields"], manifest["manifest_sha256"]
+    write_manifest(folder, manifest)  # with its own sha256 again
 
 
 def full_base_weights(folder: Path) -> dict[str, torch.Tensor]:
