@@ -267,8 +267,8 @@ class _recorded_engine_saves:
                 write(path, *args, **kwargs)
             except WriteError as err:
                 self.shared.error = err
-            except OSError as err:
-                self.shared.error = write_error(path, err)
+            except OSError as err:  # named by where it writes: a copy's error names its source file
+                self.shared.error = write_error(path, OSError(err.errno, err.strerror))
 
         return call
 
