@@ -26,6 +26,8 @@ from exert_ds.prune.pattern import pattern_problem
 from exert_ds.roles import LLAMA_LIKE_ROLES, ROLES
 from exert_ds.validation import check_lora, check_model, check_output_dir
 
+EmaDtype = Literal["float32", "bfloat16"]  # prune.ema_dtype
+DEFAULT_EMA_DTYPE: EmaDtype = "float32"  # the one place to flip to bfloat16 once its quality is measured (issue 18.1)
 # train.* keys a resume may change
 BOOKKEEPING_KEYS = ("log_every", "save_every_steps", "keep_checkpoints", "save_event_adapters")
 
@@ -167,6 +169,7 @@ class PruneConfig:
     ramp: Literal["none", "cubic"] = "none"  # "cubic": Zhu & Gupta ramp from 0 to sparsity over the events
     ema_eta: Annotated[float, Bounds(gt=0, le=1)] = 0.5
     reconstruct: Literal["none", "obs"] = "none"  # "obs": OBS update of the kept weights at each event (§8 a)
+    ema_dtype: EmaDtype = DEFAULT_EMA_DTYPE  # the EMA score state between events, as held and as checkpointed
 
 
 @dataclass
@@ -225,6 +228,8 @@ class RunConfig:
         fields = dataclasses.asdict(self)
         for key in BOOKKEEPING_KEYS:
             fields["train"].pop(key)
+        if fields["prune"]["ema_dtype"] == "float32":  # as checkpoints of format 3 held it: they still resume
+            fields["prune"].pop("ema_dtype")
         blob = json.dumps(fields, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()
 

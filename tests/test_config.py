@@ -50,6 +50,7 @@ BAD = [
     ({"model": {"init": "zeros"}}, "'model.init' must be 'pretrained' or 'random'"),
     ({"prune": {"ramp": "linear"}}, "'prune.ramp' must be 'none' or 'cubic'"),
     ({"prune": {"ema_eta": 0.0}}, "'prune.ema_eta' must be in (0, 1]"),
+    ({"prune": {"ema_dtype": "float16"}}, "'prune.ema_dtype' must be 'float32' or 'bfloat16', got 'float16'"),
     ({"prune": {"every_steps": 0}}, "'prune.every_steps' must be > 0"),
     ({"prune": {"every_steps": "often"}}, "'prune.every_steps' must be int, got str 'often'"),  # int | None
     ({"prune": {"start_step": -1}}, "'prune.start_step' must be >= 0"),

@@ -316,3 +316,34 @@ def test_a_new_scorer_is_one_registered_class():
             PruneEvent(model, DenseBackend(), event_config(sparsity=0.5, scorer=Updating.name, pbs_mode="hessian"))
     finally:
         del SCORERS[Inverted.name], SCORERS[Updating.name]
+
+
+def test_ema_held_in_bfloat16_is_the_float32_mix_rounded_once():
+    """prune.ema_dtype bfloat16 (algorithm.md §2, issue 18.1): after the first event the held state is the float32
+    scores rounded to bfloat16; the next event mixes S (float32) with the held bfloat16 values in float32,
+    `0.5·S + 0.5·prev`, and holds that rounded once. S of the second event is read from a copy of the model run
+    without EMA (its state is S itself); block 0 only, the one whose inputs the EMA's masks cannot have changed."""
+    import copy
+
+    from exert_ds.prune.event import PruneState
+
+    ids = calibration_ids(seed=1)
+    settings = event_config(sparsity=0.5, pbs_mode="off", ema_eta=0.5)
+    held = {dtype: PruneState(dtype=dtype) for dtype in (torch.float32, torch.bfloat16)}
+    models = {}
+    for dtype, state in held.items():
+        models[dtype] = tiny_lora_model("llama", r=3)
+        PruneEvent(models[dtype], DenseBackend(), settings, state).run(ids, 0.5, pbs=False, ema=False, progress=False)
+    first = {key: value.clone() for key, value in held[torch.bfloat16].ema.items()}
+    assert first and all(first[k].dtype == torch.bfloat16 for k in first)
+    assert all(torch.equal(first[k], held[torch.float32].ema[k].to(torch.bfloat16)) for k in first)
+
+    plain = PruneState(events_done=1)
+    bare = copy.deepcopy(models[torch.bfloat16])
+    PruneEvent(bare, DenseBackend(), settings, plain).run(ids, 0.5, pbs=False, ema=False, progress=False)
+    event = PruneEvent(models[torch.bfloat16], DenseBackend(), settings, held[torch.bfloat16])
+    event.run(ids, 0.5, pbs=False, ema=True, progress=False)
+    for key in [k for k in held[torch.bfloat16].ema if k.startswith("0.")]:
+        value = held[torch.bfloat16].ema[key]
+        expected = (0.5 * plain.ema[key] + 0.5 * first[key].float()).to(torch.bfloat16)
+        assert value.dtype == torch.bfloat16 and torch.equal(value, expected), key

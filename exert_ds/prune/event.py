@@ -38,11 +38,15 @@ from exert_ds.runtime.access import Backend, LinearAccess
 class PruneState:
     """What survives between events: the EMA score of every (block, role), over held elements only.
 
-    Kept in host memory (float32, one value per held weight): on the accelerator it would cost as much as
-    the weights themselves in bf16 twice over, for state that is read once per event."""
+    Kept in host memory in `dtype` (prune.ema_dtype: float32, or bfloat16 at half the bytes; one value per held
+    weight), and checkpointed as held, so a resume continues bit-identically: on the accelerator it would cost as
+    much as the weights themselves, for state that is read once per event. The mixing itself is done in float32
+    (foresight.ema_scores) and the event's mask is chosen from that float32 result; only what is kept for the next
+    event is rounded to `dtype`."""
 
     events_done: int = 0
     ema: dict[str, Tensor] = field(default_factory=dict)
+    dtype: torch.dtype = torch.float32
 
     @staticmethod
     def key(block: int, role: str) -> str:
@@ -250,16 +254,17 @@ class PruneEvent:
         return out
 
     def _remember(self, key: str, mixed: Tensor) -> None:
-        """Keep `mixed` as the EMA of `key` in host memory, float32, written over the previous event's tensor in
-        place. A fresh host tensor per event meant fresh pages to fault in on every copy: device-to-host copies were
+        """Keep `mixed` as the EMA of `key` in host memory in the state's dtype (rounded to nearest), written over the
+        previous event's tensor in place. A fresh host tensor per event meant fresh pages to fault in on every copy: device-to-host copies were
         24% of a 7B event's time on an H200 (eval/results/perf/2026-11-29/). Pageable, not page-locked: torch's pinned host
         allocator rounds every block up to a power of two, up to twice the EMA's own size, which is already one
-        float32 per held weight."""
+        value per held weight."""
+        dtype = self.state.dtype
         host = self.state.ema.get(key)
-        if host is None or host.shape != mixed.shape or host.dtype != torch.float32 or host.device.type != "cpu":
-            self.state.ema[key] = mixed.to("cpu", torch.float32, copy=True)
+        if host is None or host.shape != mixed.shape or host.dtype != dtype or host.device.type != "cpu":
+            self.state.ema[key] = mixed.to(dtype).to("cpu", copy=True)
         else:
-            host.copy_(mixed)
+            host.copy_(mixed.to(dtype))
 
     def _reconstruct(
         self, acc: LinearAccess, role: str, u_block: Tensor, keep_rows: Tensor, hessian: Tensor, report: EventReport

@@ -1,22 +1,31 @@
-"""Sharded, sparse, atomic training checkpoints (zero3.md "Checkpoints").
+"""Sharded, sparse, atomic training checkpoints (zero3.md "Checkpoints"); the schema (names, keys, the one loader of
+both resume paths) is in checkpoint_schema.py and the per-rank tensor fields in checkpoint_fields.py.
 
 A checkpoint directory holds DeepSpeed's own engine checkpoint for the trainable state (LoRA, optimizer,
-scheduler; frozen parameters excluded), one file per rank with that rank's partition of every pruned base
-weight stored sparse (packed bitmask of non-zeros + their values), its EMA score partitions, RNG states and its
-slice of the LoRA fp32 masters and Adam moments, and a manifest (world size, batch sizes, ranges, shapes, dtypes,
-position, config fingerprint, base-model fingerprint (base_model.py), sha256 of every file, and its own sha256). It is written to a hidden temporary directory, fsynced and
-renamed; `latest` is replaced last; the last K kept. At the writing world size a load restores every byte through
-DeepSpeed; at another one each rank re-cuts the per-rank files through the manifest's ranges (`_load_recut`).
+scheduler; frozen parameters excluded), one file per rank with that rank's fragment of every field (the pruned base
+weights stored sparse, the EMA score partitions, its slice of the LoRA fp32 masters and Adam moments), its RNG states
+and engine scalars, and a manifest (world size, batch sizes, ranges, shapes, dtypes, fields, position, config
+fingerprint, base-model fingerprint (base_model.py), sha256 of every file, and its own sha256). The device-to-host copies and DeepSpeed's engine save are synchronous; the rest
+(encoding, torch.save, fsync, sha256, manifest, atomic rename, `latest`, pruning old checkpoints) runs on a
+background writer (checkpoint_writer.py) while training goes on; the next save and the end of training wait for it.
+At the writing world size a load restores the trainable state through DeepSpeed and the rest from this rank's own
+file; at another one each rank re-cuts the writing ranks' files through the manifest's ranges. Both go through
+`checkpoint_schema.assemble`. Rank files are memory-mapped and read in parallel, their sha256 computed on the same
+pages while they are decoded; nothing is restored before every rank's files are verified.
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
+import mmap
 import os
 import random
 import shutil
 import sys
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -25,20 +34,10 @@ import numpy as np
 import torch
 from deepspeed.accelerator import get_accelerator
 from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
-from deepspeed.utils import (
-    safe_get_local_fp32_param,
-    safe_get_local_optimizer_state,
-    safe_set_local_fp32_param,
-    safe_set_local_optimizer_state,
-)
 from torch import Tensor, nn
 
 from exert_ds.errors import ConfigError
-from exert_ds.model.architecture import decoder_layers
-from exert_ds.model.lora import block_lora_layers, lora_parts
 from exert_ds.runtime.shard import all_shard_ranges
-from exert_ds.runtime.zero3 import local_range, local_values, write_partition
-from exert_ds.storage import sparse_codec
 from exert_ds.storage.atomic import (
     SharedWrite,
     WriteError,
@@ -49,20 +48,60 @@ from exert_ds.storage.atomic import (
     write_errors,
 )
 from exert_ds.storage.base_model import base_model_difference
+from exert_ds.storage.checkpoint_fields import (
+    FIELDS,
+    MOMENTS,
+    TrainState,
+    pack_sparse,
+    pruned_base_weights,
+    trainable_params,
+    unpack_sparse,
+)
+from exert_ds.storage.checkpoint_schema import (
+    ENGINE_SCALARS,
+    ENGINE_TAG,
+    FIELD_TABLE,
+    FILES,
+    FINGERPRINT,
+    FORMAT,
+    MICRO_BATCH,
+    PARAMS,
+    POSITION,
+    RNG,
+    TRAIN_BATCH_SIZE,
+    TRAINABLE,
+    WORLD_SIZE,
+    RankField,
+    assemble,
+    is_engine_file_of,
+    is_rank_engine_file,
+    ranks_needed,
+)
+from exert_ds.storage.checkpoint_writer import WRITER
 from exert_ds.storage.manifest import CHECKPOINT_FORMAT_VERSION as FORMAT_VERSION
 from exert_ds.storage.manifest import CHECKPOINT_MANIFEST as MANIFEST
 from exert_ds.storage.manifest import (
     LATEST,
     MANIFEST_DIGEST,
-    checkpoint_rank_file,
     complete_checkpoints,
     manifest_digest,
     sha256_file,
 )
+from exert_ds.storage.manifest import checkpoint_rank_file as rank_file
 from exert_ds.storage.manifest import read_checkpoint_manifest as read_manifest
 
-ENGINE_TAG = "engine"
-MOMENTS = ("exp_avg", "exp_avg_sq")  # the Adam family's per-element state
+__all__ = [
+    "LATEST",
+    "MANIFEST",
+    "TrainPosition",
+    "load_checkpoint",
+    "pack_sparse",
+    "resolve_resume",
+    "save_checkpoint",
+    "unpack_sparse",
+    "wait_for_checkpoint",
+]
+
 
 
 @dataclass(frozen=True)
@@ -76,87 +115,29 @@ class TrainPosition:
     dense_perplexity: float | None = None  # measured before any training, kept for the final report
 
 
-def pack_sparse(values: Tensor) -> dict[str, Tensor | int | torch.dtype]:
-    """Non-zeros of a flat tensor in the expert's sparse storage (exert_ds/storage/sparse_codec.py: packed bitmask + kept
-    values with their top byte 4-bit coded), so a checkpoint's base is as small as the final expert's."""
-    flat = values.detach().reshape(-1)
-    return {"numel": flat.numel(), "dtype": flat.dtype, **sparse_codec.encode(flat, sparse_codec.plan(flat))}
-
-
-def unpack_sparse(packed: dict[str, Tensor | int | torch.dtype]) -> Tensor:
-    out = torch.empty(int(packed["numel"]), dtype=packed["dtype"])
-    sparse_codec.decode_into(out, packed.__getitem__)
-    return out
-
-
-def pruned_base_weights(model: nn.Module) -> dict[str, nn.Parameter]:
-    """name → base weight of every LoRA-wrapped projection (the weights prune events change)."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    out = {}
-    for block in range(len(decoder_layers(model))):
-        for layer in block_lora_layers(model, block).values():
-            weight = lora_parts(layer)[0]
-            out[names[id(weight)]] = weight
-    return out
-
-
-def trainable_params(model: nn.Module) -> dict[str, nn.Parameter]:
-    """name → every trained (LoRA) parameter."""
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
-def ema_keys(model: nn.Module) -> dict[str, str]:
-    """PruneState EMA key (block.role) → name of the base weight whose elements it scores."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    return {
-        f"{block}.{role}": names[id(lora_parts(layer)[0])]
-        for block in range(len(decoder_layers(model)))
-        for role, layer in block_lora_layers(model, block).items()
-    }
-
-
-def _moment(param: nn.Parameter, key: str) -> Tensor | None:
-    try:
-        return safe_get_local_optimizer_state(param, key)
-    except KeyError:  # no optimizer step yet: Adam creates its state lazily
-        return None
-
-
-def _trainable_state(engine) -> dict:
-    """This rank's valid slice of every LoRA parameter's fp32 master and Adam moments, by name: what a resume at
-    another world size re-cuts (DeepSpeed's own files hold them in a per-world flat layout)."""
-    out = {}
-    for name, param in trainable_params(engine.module).items():
-        valid = local_range(param).valid
-        entry = {"fp32": safe_get_local_fp32_param(param).reshape(-1)[:valid].cpu().clone()}
-        for key in MOMENTS:
-            moment = _moment(param, key)
-            if moment is not None:
-                entry[key] = moment.reshape(-1)[:valid].cpu().clone()
-        out[name] = entry
-    return out
-
-
 def _engine_scalars(engine) -> dict:
-    """World-size-free engine state: counters, scheduler, optimizer hyper-parameters and per-state scalars."""
+    """World-size-free engine state: counters, scheduler, optimizer hyper-parameters and per-state scalars (copies:
+    they are written after training has moved on)."""
     basic = engine.optimizer.optimizer
     first = next(iter(basic.state.values()), {})
-    return {
-        "global_steps": engine.global_steps,
-        "global_samples": engine.global_samples,
-        "skipped_steps": engine.skipped_steps,
-        "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None,
-        "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in basic.param_groups],
-        "state_scalars": {k: v for k, v in first.items() if k not in MOMENTS},
-    }
+    return copy.deepcopy(
+        {
+            "global_steps": engine.global_steps,
+            "global_samples": engine.global_samples,
+            "skipped_steps": engine.skipped_steps,
+            "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None,
+            "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in basic.param_groups],
+            "state_scalars": {k: v for k, v in first.items() if k not in MOMENTS},
+        }
+    )
 
 
 def _owned_engine_files(folder: Path, rank: int) -> list[Path]:
     """DeepSpeed's files that `rank` wrote (zero_pp_rank_R_*); rank 0 also takes the shared ones."""
     files = sorted(p for p in folder.rglob("*") if p.is_file())
-    mine = [p for p in files if f"zero_pp_rank_{rank}_" in p.name]
+    mine = [p for p in files if is_engine_file_of(p.name, rank)]
     if rank == 0:
-        mine += [p for p in files if "zero_pp_rank_" not in p.name and p.parent != folder]
+        mine += [p for p in files if not is_rank_engine_file(p.name) and p.parent != folder]
     return mine
 
 
@@ -175,6 +156,38 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _manifest(
+    engine, position: TrainPosition, fingerprint: str, fields: tuple[RankField, ...], base_model: dict | None
+) -> dict:
+    """Everything of the manifest but the file hashes (known once the background write is done)."""
+    world = dist.get_world_size()
+    return {
+        FORMAT: FORMAT_VERSION,
+        WORLD_SIZE: world,
+        MICRO_BATCH: engine.train_micro_batch_size_per_gpu(),
+        TRAIN_BATCH_SIZE: engine.train_batch_size(),
+        POSITION: asdict(position),
+        FINGERPRINT: fingerprint,
+        "base_model": base_model,
+        FIELD_TABLE: {field.key: field.table for field in fields},
+        PARAMS: {
+            n: {
+                "shape": list(p.ds_shape),
+                "dtype": str(p.ds_tensor.dtype),
+                "ranges": [[r.start, r.end] for r in all_shard_ranges(tuple(p.ds_shape), world)],
+            }
+            for n, p in pruned_base_weights(engine.module).items()
+        },
+        TRAINABLE: {
+            n: {
+                "shape": list(p.ds_shape),
+                "ranges": [[r.start, r.end] for r in all_shard_ranges(tuple(p.ds_shape), world)],
+            }
+            for n, p in trainable_params(engine.module).items()
+        },
+    }
+
+
 def save_checkpoint(
     engine,
     ema: dict[str, Tensor],
@@ -183,12 +196,17 @@ def save_checkpoint(
     fingerprint: str,
     keep: int,
     base_model: dict | None = None,
+    fields: tuple[RankField, ...] = FIELDS,
 ) -> Path:
-    """Collective: every rank writes its files; rank 0 writes the manifest, renames, updates `latest`.
-    `base_model`: base_model.base_model_fingerprint of the model's files, checked on resume. A write the OS refuses
-    (full disk, quota, permissions) on any rank raises the same WriteError on every rank; the partial folder is
-    removed and `latest` still names the last complete checkpoint."""
-    rank, world = dist.get_rank(), dist.get_world_size()
+    """Collective. Waits for the previous write (raising its failure, one line on every rank), saves DeepSpeed's
+    engine state and copies this rank's fields to host memory, then returns while a background writer writes the
+    files; rank 0 then writes the manifest, renames the folder into place and updates `latest`. Returns the final
+    path, which exists once `wait_for_checkpoint()` has returned. `base_model`: base_model.base_model_fingerprint of
+    the model's files, checked on resume. A write the OS refuses (full disk, quota, permissions) on any rank raises
+    the same one line on every rank (here for DeepSpeed's synchronous part, at the next save or the end for the
+    background part); `latest` still names the last complete checkpoint."""
+    WRITER.wait()
+    rank = dist.get_rank()
     name = f"step-{position.step:08d}-event-{position.events_done:03d}"
     final, tmp = root / name, root / f".{name}.tmp"
     shared = SharedWrite(cleanup=(lambda: shutil.rmtree(tmp, ignore_errors=True)) if rank == 0 else None)
@@ -200,67 +218,38 @@ def save_checkpoint(
     shared.share()
     with _recorded_engine_saves(engine, shared):
         engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, save_latest=False, exclude_frozen_parameters=True)
-    weights = pruned_base_weights(engine.module)
-    base = {
-        "weights": {n: pack_sparse(local_values(p)) for n, p in weights.items()},
-        "ema": {k: v.cpu() for k, v in ema.items()},
-        "rng": _rng_state(),
-        "trainable": _trainable_state(engine),
-        "engine": _engine_scalars(engine),
-    }
-    with shared.catch():
-        torch_save(base, tmp / checkpoint_rank_file(rank))
-    shared.share()  # all files are written
-    mine = [tmp / checkpoint_rank_file(rank), *_owned_engine_files(tmp, rank)]
-    hashes = {}
-    with shared.catch():
-        for path in mine:
-            fsync_path(path)
-            hashes[str(path.relative_to(tmp))] = sha256_file(path)
     shared.share()
-    gathered: list[dict] = [None] * world
-    dist.all_gather_object(gathered, hashes)
-    if rank == 0:
-        manifest = {
-            "format": FORMAT_VERSION,
-            "world_size": world,
-            "micro_batch": engine.train_micro_batch_size_per_gpu(),
-            "train_batch_size": engine.train_batch_size(),
-            "position": asdict(position),
-            "config_fingerprint": fingerprint,
-            "base_model": base_model,
-            "params": {
-                n: {
-                    "shape": list(p.ds_shape),
-                    "dtype": str(p.ds_tensor.dtype),
-                    "ranges": [[r.start, r.end] for r in all_shard_ranges(tuple(p.ds_shape), world)],
-                }
-                for n, p in weights.items()
-            },
-            "trainable": {
-                n: {
-                    "shape": list(p.ds_shape),
-                    "ranges": [[r.start, r.end] for r in all_shard_ranges(tuple(p.ds_shape), world)],
-                }
-                for n, p in trainable_params(engine.module).items()
-            },
-            "files": {k: v for part in gathered for k, v in part.items()},
-        }
-        with shared.catch():
-            write_manifest(tmp, manifest)
-            publish(tmp, final)
-            latest_tmp = root / f".{LATEST}.tmp"
-            with write_errors(latest_tmp):
-                latest_tmp.write_text(name)
-            fsync_path(latest_tmp)
-            with write_errors(root / LATEST):
-                os.replace(latest_tmp, root / LATEST)
-            fsync_path(root)
-        if shared.error is None:
-            for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
-                shutil.rmtree(old)
-    shared.share()
+    state = TrainState(engine, ema)
+    values = {field.key: field.save(state) for field in fields}  # device-to-host copies, synchronous
+    rest = {RNG: _rng_state(), ENGINE_SCALARS: _engine_scalars(engine)}
+    manifest = _manifest(engine, position, fingerprint, fields, base_model) if rank == 0 else None
+
+    def write_files() -> list[Path]:
+        coded = {f.key: {entry: f.encode(v) for entry, v in values[f.key].items()} for f in fields}
+        values.clear()
+        torch_save({**coded, **rest}, tmp / rank_file(rank))
+        return [tmp / rank_file(rank), *_owned_engine_files(tmp, rank)]
+
+    def publish_folder(hashes: dict[str, str]) -> None:
+        write_manifest(tmp, {**manifest, FILES: hashes})
+        publish(tmp, final)
+        latest_tmp = root / f".{LATEST}.tmp"
+        with write_errors(latest_tmp):
+            latest_tmp.write_text(name)
+        fsync_path(latest_tmp)
+        with write_errors(root / LATEST):
+            os.replace(latest_tmp, root / LATEST)
+        fsync_path(root)
+        for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
+            shutil.rmtree(old)
+
+    WRITER.start(write_files, tmp, publish_folder, name, lambda: shutil.rmtree(tmp, ignore_errors=True))
     return final
+
+
+def wait_for_checkpoint() -> None:
+    """Collective: wait for the background write of the last checkpoint; its failure is raised on every rank."""
+    WRITER.wait()
 
 
 class _recorded_engine_saves:
@@ -281,8 +270,8 @@ class _recorded_engine_saves:
                 write(path, *args, **kwargs)
             except WriteError as err:
                 self.shared.error = err
-            except OSError as err:
-                self.shared.error = write_error(path, err)
+            except OSError as err:  # named by where it writes: a copy's error names its source file
+                self.shared.error = write_error(path, OSError(err.errno, err.strerror))
 
         return call
 
@@ -356,7 +345,7 @@ def resolve_resume(root: Path, resume: str, fingerprint: str, base_model: dict |
 
 
 def _manifest_problem(path: Path, manifest: dict, fingerprint: str, base_model: dict | None = None) -> str | None:
-    if manifest.get("config_fingerprint") != fingerprint:
+    if manifest.get(FINGERPRINT) != fingerprint:
         return f"{path / MANIFEST} was written by another run (config differs); resume with the config that wrote it"
     differs = base_model_difference(manifest.get("base_model"), base_model)
     if differs:
@@ -367,12 +356,16 @@ def _manifest_problem(path: Path, manifest: dict, fingerprint: str, base_model: 
     return None
 
 
+def _damaged(file: Path) -> str:
+    return f"{file} is missing, truncated or altered (sha256 differs from the manifest)"
+
+
 def _check_file(path: Path, rel: str, manifest: dict) -> str | None:
     file = path / rel
     if rel not in manifest["files"]:
         return f"{file} is not in the manifest"
-    if not file.is_file() or sha256_file(file) != manifest["files"][rel]:
-        return f"{file} is missing, truncated or altered (sha256 differs from the manifest)"
+    if not file.is_file() or sha256_file(file) != manifest[FILES][rel]:
+        return _damaged(file)
     return None
 
 
@@ -380,27 +373,18 @@ def _engine_files(manifest: dict, rank: int) -> list[str]:
     """The DeepSpeed files `rank` reads at the writing world size, from the manifest (not from the disk, so a
     deleted one is found): its zero_pp_rank_R_* files; rank 0 also the shared ones."""
     files = [rel for rel in manifest["files"] if rel.startswith(f"{ENGINE_TAG}/")]
-    mine = [rel for rel in files if f"zero_pp_rank_{rank}_" in rel]
+    mine = [rel for rel in files if is_engine_file_of(rel, rank)]
     if rank == 0:
-        mine += [rel for rel in files if "zero_pp_rank_" not in rel]
+        mine += [rel for rel in files if not is_rank_engine_file(rel)]
     return mine
-
-
-def _old_ranks_needed(manifest: dict, model: nn.Module, world: int, rank: int) -> list[int]:
-    """The writing ranks whose flat ranges overlap this rank's new range of any saved parameter."""
-    needed = set()
-    for table in (manifest["params"], manifest["trainable"]):
-        for entry in table.values():
-            new = all_shard_ranges(tuple(entry["shape"]), world)[rank]
-            needed |= {r for r, (lo, hi) in enumerate(entry["ranges"]) if max(lo, new.start) < min(hi, new.end)}
-    return sorted(needed | {0})  # rank 0's file also holds the engine scalars and the RNG every rank takes
 
 
 def _verify(
     path: Path, manifest: dict, rank: int, world: int, fingerprint: str, model: nn.Module, base_model: dict | None
 ) -> str | None:
-    """None if every file this rank reads is intact and belongs to this run, else a one-line reason. Checked before
-    anything is read: the rank files and, at the writing world size, DeepSpeed's engine files."""
+    """None if the manifest belongs to this run and model and, at the writing world size, DeepSpeed's engine files
+    this rank reads are intact, else a one-line reason. The rank files are verified as they are read
+    (`_read_rank_files`)."""
     problem = _manifest_problem(path, manifest, fingerprint, base_model)
     if problem:
         return problem
@@ -408,21 +392,72 @@ def _verify(
     saved = {n: e["shape"] for table in (manifest["params"], manifest["trainable"]) for n, e in table.items()}
     if saved != shapes:
         return f"{path / MANIFEST} lists other parameters or shapes than this model has (model or LoRA targets differ)"
-    if manifest["world_size"] == world:
-        files = [checkpoint_rank_file(rank), *_engine_files(manifest, rank)]
-        if len(files) == 1:
-            return f"{path / MANIFEST} lists no DeepSpeed engine file of rank {rank}; the checkpoint is damaged"
-    else:
-        files = [checkpoint_rank_file(r) for r in _old_ranks_needed(manifest, model, world, rank)]
+    if manifest[WORLD_SIZE] != world:
+        return None
+    files = _engine_files(manifest, rank)
+    if not files:
+        return f"{path / MANIFEST} lists no DeepSpeed engine file of rank {rank}; the checkpoint is damaged"
     return next((problem for rel in files if (problem := _check_file(path, rel, manifest))), None)
 
 
-def _recut(fragments: dict[int, Tensor], ranges: list[list[int]], lo: int, hi: int) -> Tensor:
-    """Flat elements [lo, hi) assembled from the writing ranks' slices (`fragments[r]` holds ranges[r])."""
-    parts = [
-        fragments[r][max(lo, a) - a : min(hi, b) - a] for r, (a, b) in enumerate(ranges) if max(lo, a) < min(hi, b)
-    ]
-    return torch.cat(parts) if parts else torch.empty(0)
+READ_CHUNK = 1 << 24
+
+
+def _mapped_sha256(file: Path) -> str:
+    """sha256 of a file read through a memory map (its pages stay in the page cache for torch.load(mmap=True))."""
+    digest = hashlib.sha256()
+    with file.open("rb") as fh:
+        if os.fstat(fh.fileno()).st_size == 0:
+            return digest.hexdigest()
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            mapped.madvise(mmap.MADV_SEQUENTIAL)
+            view = memoryview(mapped)
+            try:
+                for start in range(0, len(view), READ_CHUNK):
+                    digest.update(view[start : start + READ_CHUNK])  # releases the GIL: files hash in parallel
+            finally:
+                view.release()
+    return digest.hexdigest()
+
+
+def _read_rank_files(
+    path: Path, manifest: dict, ranks: list[int], fields: tuple[RankField, ...], model: nn.Module
+) -> tuple[dict[str, dict], dict, str | None]:
+    """Read the writing ranks' files `ranks`: each memory-mapped and hashed on a thread while this thread loads them
+    (torch.load(mmap=True), the same pages) and assembles this rank's fragments. Returns (fragments per field, the
+    lowest rank's RNG and engine scalars, None or a one-line problem); nothing is applied here."""
+    rels = [rank_file(r) for r in ranks]
+    for rel in rels:
+        if rel not in manifest[FILES]:
+            return {}, {}, f"{path / rel} is not in the manifest"
+        if not (path / rel).is_file():
+            return {}, {}, _damaged(path / rel)
+    with ThreadPoolExecutor(max_workers=len(rels)) as pool:
+        digests = {rel: pool.submit(_mapped_sha256, path / rel) for rel in rels}
+        loaded, problem = {}, None
+        try:
+            files = {
+                r: torch.load(path / rank_file(r), weights_only=False, mmap=True, map_location="cpu") for r in ranks
+            }
+            loaded = assemble(files, manifest, model, fields, dist.get_world_size(), dist.get_rank())
+            rest = {RNG: files[ranks[0]][RNG], ENGINE_SCALARS: files[ranks[0]][ENGINE_SCALARS]}
+        except KeyError as err:
+            problem, rest = f"{path} has no field {err}; it was written without it", {}
+        except Exception:  # noqa: BLE001 - a damaged file; the hash names it below
+            problem, rest = f"{path / rels[0]} could not be read", {}
+        bad = next((rel for rel in rels if digests[rel].result() != manifest[FILES][rel]), None)
+    if bad:
+        return {}, {}, _damaged(path / bad)
+    return loaded, rest, problem
+
+
+def _agree(problem: str | None) -> None:
+    """Collective: raise the first rank's problem on every rank."""
+    problems: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(problems, problem)
+    first = next((p for p in problems if p), None)
+    if first:
+        raise ConfigError(first)
 
 
 @torch.no_grad()
@@ -468,96 +503,63 @@ def replay_adam_step_counter(optimizer: torch.optim.Optimizer) -> None:
 
 
 def load_checkpoint(
-    engine, path: Path, fingerprint: str, base_model: dict | None = None
+    engine, path: Path, fingerprint: str, base_model: dict | None = None, fields: tuple[RankField, ...] = FIELDS
 ) -> tuple[TrainPosition, dict[str, Tensor]]:
-    """Collective: verify, restore the trainable state, the sparse base partitions, RNG; returns the position
-    and the EMA state. Every rank raises the same ConfigError if any rank's files are bad.
+    """Collective: verify, restore every field, the trainable state and RNG; returns the position and the EMA state.
+    Every rank raises the same ConfigError if any rank's files are bad, before anything is restored.
 
-    At the writing world size DeepSpeed's engine checkpoint restores the trainable state byte for byte; at another
-    one every per-rank file is re-cut through the manifest's ranges (`_load_recut`)."""
+    At the writing world size DeepSpeed's engine checkpoint restores the trainable state byte for byte and this rank's
+    own file the other fields; at another one each rank reads the writing ranks' files that overlap its new ranges and
+    every field (the trainable state included) is re-cut. The data position is kept as the same number of samples into
+    the epoch (a re-cut needs the same train_batch_size); every rank takes the writing rank 0's RNG states then (all
+    ranks are seeded alike and draw alike)."""
+    WRITER.wait()
     rank, world = dist.get_rank(), dist.get_world_size()
+    manifest = {}
     try:
         manifest = read_manifest(path)
         problem = _verify(path, manifest, rank, world, fingerprint, engine.module, base_model)
     except ConfigError as err:
         problem = str(err)
-    problems: list[str | None] = [None] * world
-    dist.all_gather_object(problems, problem)
-    problem = next((p for p in problems if p), None)
-    if problem:
-        raise ConfigError(problem)
-    position = TrainPosition(**manifest["position"])
-    if manifest["world_size"] != world:
-        return _load_recut(engine, path, manifest, position)
-    engine.load_checkpoint(str(path), tag=ENGINE_TAG, load_module_strict=False)
+    _agree(problem)
+    position = TrainPosition(**manifest[POSITION])
+    same = manifest[WORLD_SIZE] == world
+    if not same:
+        position = _recut_position(engine, path, manifest, position)
+    ranks = [rank] if same else ranks_needed(manifest, world, rank)
+    used = tuple(f for f in fields if not (same and f.by_engine))
+    loaded, rest, problem = _read_rank_files(path, manifest, ranks, used, engine.module)
+    _agree(problem)
+    state = TrainState(engine, engine_scalars=rest[ENGINE_SCALARS])
+    if same:
+        engine.load_checkpoint(str(path), tag=ENGINE_TAG, load_module_strict=False)
+    for field in used:
+        field.restore(state, loaded[field.key])
+    if not same:
+        _restore_engine_scalars(engine, rest[ENGINE_SCALARS])
     replay_adam_step_counter(engine.optimizer.optimizer)
-    base = torch.load(path / checkpoint_rank_file(rank), weights_only=False)
-    for name, param in pruned_base_weights(engine.module).items():
-        write_partition(param, unpack_sparse(base["weights"][name]).to(param.ds_tensor.device))
-    _set_rng_state(base["rng"])
-    return position, base["ema"]
+    _set_rng_state(rest[RNG])
+    return position, state.ema
 
 
-def _padded(param: nn.Parameter, values: Tensor) -> Tensor:
-    out = torch.zeros(param.ds_tensor.numel(), dtype=torch.float32, device=param.ds_tensor.device)
-    out[: values.numel()] = values
-    return out
-
-
-@torch.no_grad()
-def _load_recut(engine, path: Path, manifest: dict, position: TrainPosition) -> tuple[TrainPosition, dict[str, Tensor]]:
-    """Resume at another world size. Each rank loads (memory-mapped) only the writing ranks' files whose ranges
-    overlap its own and assembles its new partition of every base weight, EMA score, LoRA fp32 master and Adam
-    moment from their fragments; the engine's counters, scheduler and optimizer hyper-parameters are world-size
-    free. The data position is kept as the same number of samples into the epoch (the run needs the same
-    train_batch_size). Every rank takes writing rank 0's RNG states: all ranks are seeded alike and draw alike."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    micro = engine.train_micro_batch_size_per_gpu()
-    samples = position.micro * manifest["micro_batch"] * manifest["world_size"]
-    if engine.train_batch_size() != manifest["train_batch_size"] or samples % (micro * world):
+def _recut_position(engine, path: Path, manifest: dict, position: TrainPosition) -> TrainPosition:
+    """The same number of samples into the epoch, in this world's micro-batches (one line if it cannot be)."""
+    world, micro = dist.get_world_size(), engine.train_micro_batch_size_per_gpu()
+    samples = position.micro * manifest[MICRO_BATCH] * manifest[WORLD_SIZE]
+    if engine.train_batch_size() != manifest[TRAIN_BATCH_SIZE] or samples % (micro * world):
         raise ConfigError(
-            f"{path} was written with train_batch_size {manifest['train_batch_size']} on {manifest['world_size']} "
+            f"{path} was written with train_batch_size {manifest[TRAIN_BATCH_SIZE]} on {manifest[WORLD_SIZE]} "
             f"ranks; this run has {engine.train_batch_size()} on {world}: keep the DeepSpeed train_batch_size "
             "(set it and train_micro_batch_size_per_gpu, leave gradient_accumulation_steps out) to change world size"
         )
-    files = {
-        r: torch.load(path / checkpoint_rank_file(r), weights_only=False, mmap=True, map_location="cpu")
-        for r in _old_ranks_needed(manifest, engine.module, world, rank)
-    }
-    for name, param in pruned_base_weights(engine.module).items():
-        rng, ranges = local_range(param), manifest["params"][name]["ranges"]
-        fragments = {r: unpack_sparse(f["weights"][name]) for r, f in files.items()}
-        write_partition(param, _recut(fragments, ranges, rng.start, rng.end).to(param.ds_tensor.device))
-    ema = {}
-    for key, name in ema_keys(engine.module).items():
-        if key in files[0]["ema"]:
-            ranges = manifest["params"][name]["ranges"]
-            rng = all_shard_ranges(tuple(manifest["params"][name]["shape"]), world)[rank]
-            ema[key] = _recut({r: f["ema"][key] for r, f in files.items()}, ranges, rng.start, rng.end).clone()
-    scalars = files[0]["engine"]
-    basic = engine.optimizer.optimizer
-    trained = trainable_params(engine.module)
-    has_moments = all(k in files[0]["trainable"][next(iter(trained))] for k in MOMENTS)
-    if has_moments:  # Adam's state is created lazily at the first step: create it as the optimizer would
-        for flat in engine.optimizer.fp32_partitioned_groups_flat:
-            basic.state[flat] = {**scalars["state_scalars"], **{k: torch.zeros_like(flat) for k in MOMENTS}}
-    for name, param in trained.items():
-        rng, ranges = local_range(param), manifest["trainable"][name]["ranges"]
+    return replace(position, micro=samples // (micro * world))
 
-        keys = ("fp32", *(MOMENTS if has_moments else ()))
-        piece = {
-            k: _recut({r: f["trainable"][name][k] for r, f in files.items()}, ranges, rng.start, rng.end) for k in keys
-        }
-        write_partition(param, piece["fp32"].to(param.ds_tensor.device))
-        safe_set_local_fp32_param(param, _padded(param, piece["fp32"]))
-        for key in keys[1:]:
-            safe_set_local_optimizer_state(param, _padded(param, piece[key]), key)
-    for group, saved in zip(basic.param_groups, scalars["param_groups"], strict=True):
+
+def _restore_engine_scalars(engine, scalars: dict) -> None:
+    """Counters, scheduler and optimizer hyper-parameters (world-size free) of a re-cut resume."""
+    for group, saved in zip(engine.optimizer.optimizer.param_groups, scalars["param_groups"], strict=True):
         group.update(saved)
     if engine.lr_scheduler is not None and scalars["lr_scheduler"] is not None:
         engine.lr_scheduler.load_state_dict(scalars["lr_scheduler"])
     engine.global_steps, engine.global_samples = scalars["global_steps"], scalars["global_samples"]
     engine.skipped_steps = scalars["skipped_steps"]
-    replay_adam_step_counter(basic)
-    _set_rng_state(files[0]["rng"])
-    return replace(position, micro=samples // (micro * world)), ema

@@ -17,7 +17,8 @@ from pathlib import Path
 from exert_ds.errors import ConfigError
 
 CHECKPOINT_MANIFEST = "manifest.json"
-CHECKPOINT_FORMAT_VERSION = 3
+CHECKPOINT_FORMAT_VERSION = 4  # written now; format 3 (the EMA stored dense, no field table) still loads
+CHECKPOINT_READABLE_FORMATS = (3, 4)
 CHECKPOINT_KEYS = ("world_size", "micro_batch", "train_batch_size", "position", "params", "trainable", "files")
 LATEST = "latest"  # in the checkpoints root: the newest complete checkpoint's folder name
 EXPERT_MANIFEST = "expert_manifest.json"
@@ -51,6 +52,16 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def checkpoint_format_problem(manifest: dict, where: str) -> str | None:
+    """What is wrong with a checkpoint manifest's format for this exert-ds, or None when it can be read."""
+    if manifest.get("format") not in CHECKPOINT_READABLE_FORMATS:
+        return (
+            f"{where} has checkpoint format {manifest.get('format')}; this exert-ds reads formats "
+            f"{CHECKPOINT_READABLE_FORMATS}: resume it with the exert-ds version that wrote it, or start the run again"
+        )
+    return None
+
+
 def read_checkpoint_manifest(path: Path) -> dict:
     """The manifest of checkpoint `path`, or a ConfigError naming it when it is missing, cannot be parsed, lacks a
     key or differs from its own recorded sha256 (truncated or altered)."""
@@ -65,8 +76,9 @@ def read_checkpoint_manifest(path: Path) -> dict:
         raise ConfigError(f"{damaged} (not valid JSON: {err}); {fix}") from err
     if not isinstance(manifest, dict):
         raise ConfigError(f"{damaged} (not a JSON object); {fix}")
-    if manifest.get("format") != CHECKPOINT_FORMAT_VERSION:
-        raise ConfigError(f"{file} has format {manifest.get('format')}, this version reads {CHECKPOINT_FORMAT_VERSION}")
+    problem = checkpoint_format_problem(manifest, str(file))
+    if problem:
+        raise ConfigError(problem)
     missing = [key for key in CHECKPOINT_KEYS if key not in manifest]
     if missing:
         raise ConfigError(f"{damaged} (no {', '.join(missing)}); {fix}")

@@ -40,10 +40,18 @@ from exert_ds.runtime.ds_config import load_ds_config
 from exert_ds.runtime.zero3 import Zero3Backend
 from exert_ds.storage.atomic import SharedWrite, write_errors
 from exert_ds.storage.base_model import base_model_fingerprint
-from exert_ds.storage.checkpoint import TrainPosition, load_checkpoint, resolve_resume, save_checkpoint
+from exert_ds.storage.checkpoint import (
+    TrainPosition,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+    wait_for_checkpoint,
+)
 from exert_ds.storage.expert import write_expert
 from exert_ds.storage.export import export_expert
 from exert_ds.train.event_adapters import EventAdapterWriter
+
+EVENTS_LOG = "events.jsonl"  # per event: sparsity, mask_change and PBS error reduction per role, seconds
 
 
 class Logger:
@@ -110,6 +118,11 @@ def check_pattern_fits(model: torch.nn.Module, n: int, m: int) -> None:
             raise ConfigError(problem)
 
 
+def prune_state(cfg: RunConfig, events_done: int, ema: dict[str, torch.Tensor]) -> PruneState:
+    """The EMA state between events, held in `prune.ema_dtype` (a resumed one comes back in the dtype it was held in)."""
+    return PruneState(events_done=events_done, ema=ema, dtype=getattr(torch, cfg.prune.ema_dtype))
+
+
 def build_session(cfg: RunConfig, with_training_data: bool, adapter: str | None = None) -> Session:
     world = launched_world_size()
     ds_config = load_ds_config(cfg.deepspeed, world)  # checked before the process group starts
@@ -164,7 +177,7 @@ def build_session(cfg: RunConfig, with_training_data: bool, adapter: str | None 
             generator=torch.Generator().manual_seed(cfg.train.seed),
         )
     with user_errors("prune"):
-        events = PruneEvent(engine.module, Zero3Backend(), cfg, PruneState())
+        events = PruneEvent(engine.module, Zero3Backend(), cfg, prune_state(cfg, 0, {}))
     logger = Logger(out_dir, rank)
     share = ids[rank :: dist.get_world_size()]
     writer = None
@@ -253,6 +266,14 @@ def run_event(session: Session, planned: PlannedEvent, step: int) -> EventReport
         f"prune event {report.event} before step {step}: sparsity {pruned / max(held, 1):.4f} "
         f"(target {planned.sparsity:.4f}), pbs={planned.pbs}, ema={planned.ema}, {report.seconds:.1f}s"
     )
+    shared = SharedWrite()  # one JSON line per event, kept across resumes (a re-run event appears again)
+    if dist.get_rank() == 0:
+        record = {"event": report.event, "step": step, "ema_dtype": session.cfg.prune.ema_dtype, **scalars}
+        with shared.catch(), write_errors(session.out_dir / EVENTS_LOG):
+            session.out_dir.mkdir(parents=True, exist_ok=True)
+            with (session.out_dir / EVENTS_LOG).open("a") as log:
+                log.write(json.dumps(record) + "\n")
+    shared.share()
     return report
 
 
@@ -342,7 +363,7 @@ def train(cfg: RunConfig, resume: str | None = None) -> Path | None:
     position = TrainPosition()
     if found:
         position, ema = load_checkpoint(engine, found, cfg.fingerprint(), base_model)
-        session.events.state = PruneState(events_done=position.events_done, ema=ema)
+        session.events.state = prune_state(cfg, position.events_done, ema)
         logger.line(f"resumed from {found} at step {position.step}")
     else:
         position = replace(position, dense_perplexity=held_out_perplexity(session))  # B = 0: the dense model
@@ -398,6 +419,7 @@ def train(cfg: RunConfig, resume: str | None = None) -> Path | None:
         if session.adapter_writer is not None:
             session.adapter_writer.write()
     checkpoint(cfg.train.epochs, 0)
+    wait_for_checkpoint()  # the last write is complete (or its failure raised) before the expert is written
     return finish(session, position.dense_perplexity, pruned=cfg.prune.enabled)
 
 
