@@ -36,6 +36,7 @@ TRAINED = {  # method name → the --set that make it (on top of health.yaml / l
     "foresight_pbs_reference": ["pbs.mode=reference"],
     "foresight_alone": ["pbs.mode=off"],
     "foresight_pbs_obs_final": ["pbs.mode=hessian", "prune.reconstruct=obs", "pbs.at_final=true"],  # §8 a + b
+    "foresight_pbs_hessian_ema_bf16": ["pbs.mode=hessian", "prune.ema_dtype=bfloat16"],  # issue 18.1
 }
 DEFAULT_METHODS = ("dense_lora", *TRAINED, *ONE_SHOT)
 

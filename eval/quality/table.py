@@ -33,6 +33,7 @@ METHOD_ORDER = (
     "dense_lora",
     "foresight_pbs_hessian",
     "foresight_pbs_obs_final",
+    "foresight_pbs_hessian_ema_bf16",
     "foresight_pbs_reference",
     "foresight_alone",
     "lora_then_wanda",
