@@ -224,8 +224,8 @@ def test_kill_9_anywhere_then_resume_is_bit_identical(uninterrupted):
 
 def as_format_3(folder: Path) -> None:
     """Rewrite a checkpoint as format 3 wrote it: EMA entries dense float32 tensors, no `fields` in the manifest."""
-    from exert_ds.storage.atomic import sha256_file
     from exert_ds.storage.checkpoint import write_manifest
+    from exert_ds.storage.manifest import sha256_file
 
     manifest = json.loads((folder / "manifest.json").read_text())
     for rank in range(manifest["world_size"]):
