@@ -170,6 +170,8 @@ class PruneConfig:
     ema_eta: Annotated[float, Bounds(gt=0, le=1)] = 0.5
     reconstruct: Literal["none", "obs"] = "none"  # "obs": OBS update of the kept weights at each event (§8 a)
     ema_dtype: EmaDtype = DEFAULT_EMA_DTYPE  # the EMA score state between events, as held and as checkpointed
+    ema_shadow: bool = False  # diagnostic (issue 18): also hold a float32 EMA (never checkpointed) and report, per
+    # event, the share of held mask entries that a mask chosen from it would set otherwise (ema_shadow_differs/ROLE)
 
 
 @dataclass
@@ -361,6 +363,11 @@ def _check_pruning(cfg: RunConfig) -> None:
         not (p.reconstruct == "obs" and cfg.pbs.mode == "reference"),
         "config key 'prune.reconstruct: obs' updates the kept weights, which 'pbs.mode: reference' does not model: "
         "use pbs.mode hessian or off",
+    )
+    _check(
+        not (p.ema_shadow and (p.ema_dtype != "bfloat16" or scorer_registry()[p.scorer].updates_weights)),
+        "config key 'prune.ema_shadow' compares a bfloat16 EMA with a float32 one: set 'prune.ema_dtype: bfloat16' "
+        "and a scorer that keeps an EMA (not one that updates the weights), or drop ema_shadow",
     )
     _check(
         not (cfg.pbs.at_final and cfg.pbs.mode == "off"),

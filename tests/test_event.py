@@ -83,6 +83,8 @@ def test_reconstruct_obs_matches_sequential_reference(family, scorer, pbs):
         ({"scorer": "sparsegpt", "pbs_mode": "off", "reconstruct": "obs"}, "set 'prune.reconstruct: none'"),
         ({"pbs_mode": "reference", "reconstruct": "obs"}, "use pbs.mode hessian or off"),
         ({"pbs_mode": "off", "at_final": True}, "'pbs.at_final' asks for PBS at the final event"),
+        ({"ema_shadow": True}, "set 'prune.ema_dtype: bfloat16'"),
+        ({"scorer": "sparsegpt", "pbs_mode": "off", "ema_dtype": "bfloat16", "ema_shadow": True}, "or drop ema_shadow"),
     ],
 )
 def test_bad_combinations_of_the_options_are_one_line(kwargs, message):
@@ -347,3 +349,47 @@ def test_ema_held_in_bfloat16_is_the_float32_mix_rounded_once():
         value = held[torch.bfloat16].ema[key]
         expected = (0.5 * plain.ema[key] + 0.5 * first[key].float()).to(torch.bfloat16)
         assert value.dtype == torch.bfloat16 and torch.equal(value, expected), key
+
+
+def test_ema_shadow_reports_where_a_float32_ema_would_choose_another_mask():
+    """prune.ema_shadow (issue 18.1): a run holding its EMA in bfloat16 also holds it in float32 and counts the held
+    entries whose keep flag a mask from the float32 EMA would set otherwise. Reference: a second run with the EMA
+    held in float32. Magnitude scores and no PBS, so each event's scores do not depend on earlier masks' effect on
+    activations: both runs see the same scores at the first two events, the float32 run's EMA equals the shadow
+    and its masks are the masks the shadow chooses."""
+    from exert_ds.prune.event import PruneState
+
+    ids = calibration_ids(seed=2)
+    runs = {}
+    for dtype, shadow in ((torch.float32, False), (torch.bfloat16, True)):
+        model = tiny_lora_model("llama", r=3)
+        settings = event_config(
+            sparsity=0.5, scorer="magnitude", pbs_mode="off", ema_eta=0.5,
+            ema_dtype="bfloat16" if shadow else "float32", ema_shadow=shadow,
+        )  # fmt: skip
+        event = PruneEvent(model, DenseBackend(), settings, PruneState(dtype=dtype))
+        reports = [event.run(ids, 0.5, pbs=False, ema=False, progress=False)]
+        with torch.no_grad():  # "training" between events: the same new B in both runs
+            gen = torch.Generator().manual_seed(5)
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
+        reports.append(event.run(ids, 0.5, pbs=False, ema=True, progress=False))
+        runs[dtype] = (model, event.state, reports)
+    (exact, exact_state, _), (rounded, state, reports) = runs[torch.float32], runs[torch.bfloat16]
+    assert state.shadow.keys() == exact_state.ema.keys()
+    assert all(torch.equal(state.shadow[k], exact_state.ema[k]) for k in state.shadow)
+    assert reports[0].scalars()["ema_shadow_differs/q"] == 0.0
+    differs = {}
+    for block in range(len(decoder_layers(rounded))):
+        for role, linear in block_linears(rounded, block).items():
+            w_exact = lora_parts(block_linears(exact, block)[role])[0]
+            w_rounded = lora_parts(linear)[0]
+            differs[role] = differs.get(role, 0) + int(((w_exact != 0) != (w_rounded != 0)).sum())
+    scalars = reports[1].scalars()
+    for role, count in differs.items():
+        assert reports[1].roles[role].shadow_differs == count, role
+        assert scalars[f"ema_shadow_differs/{role}"] == count / reports[1].roles[role].held
+    assert sum(differs.values()) > 0  # bfloat16 rounding does move some entries on this model
+    assert exact_state.shadow is None and "ema_shadow_differs/q" not in runs[torch.float32][2][1].scalars()
+

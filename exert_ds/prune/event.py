@@ -47,6 +47,9 @@ class PruneState:
     events_done: int = 0
     ema: dict[str, Tensor] = field(default_factory=dict)
     dtype: torch.dtype = torch.float32
+    # prune.ema_shadow: the same EMA held in float32 beside `ema` (diagnostic, never checkpointed; a resumed run starts
+    # it from the held values), or None when off
+    shadow: dict[str, Tensor] | None = None
 
     @staticmethod
     def key(block: int, role: str) -> str:
@@ -62,6 +65,7 @@ class RoleReport:
     pbs_error_after: float = 0.0
     obs_error_before: float = 0.0  # prune.reconstruct obs: masking alone
     obs_error_after: float = 0.0  # … and with the kept weights updated
+    shadow_differs: int = 0  # prune.ema_shadow: held elements whose keep flag the float32 EMA would set otherwise
 
 
 @dataclass
@@ -69,6 +73,7 @@ class EventReport:
     event: int
     seconds: float = 0.0
     roles: dict[str, RoleReport] = field(default_factory=lambda: {r: RoleReport() for r in ROLES})
+    shadow: bool = False  # prune.ema_shadow was on: report shadow_differs
 
     def scalars(self) -> dict[str, float]:
         """Flat name → value for TensorBoard and logs."""
@@ -81,6 +86,8 @@ class EventReport:
                 out[f"pbs_error_reduction/{role}"] = 1.0 - rep.pbs_error_after / rep.pbs_error_before
             if rep.obs_error_before > 0:
                 out[f"obs_error_reduction/{role}"] = 1.0 - rep.obs_error_after / rep.obs_error_before
+            if self.shadow and rep.held:
+                out[f"ema_shadow_differs/{role}"] = rep.shadow_differs / rep.held
         return out
 
 
@@ -106,6 +113,8 @@ class PruneEvent:
         self.cfg = cfg
         self.scorer = make_scorer(cfg.prune.scorer)
         self.state = state or PruneState()
+        if cfg.prune.ema_shadow and self.state.shadow is None:
+            self.state.shadow = {}
         geo = geometry(model)
         self.heads = HeadGeometry(geo.num_heads, geo.num_kv_heads, geo.head_dim)
         # called as adapter_sink(event, block, lora_layers, adapters) with each block's gathered (A, B, s) before
@@ -118,7 +127,7 @@ class PruneEvent:
         process's share of the N × T calibration token ids."""
         cfg = self.cfg
         event = self.state.events_done
-        report = EventReport(event)
+        report = EventReport(event, shadow=self.state.shadow is not None)
         start = time.perf_counter()
         was_training = self.model.training
         self.model.eval()
@@ -135,9 +144,9 @@ class PruneEvent:
             )
         for rep in report.roles.values():
             counts = self.backend.all_reduce(
-                torch.tensor([rep.pruned, rep.held, rep.mask_changed], dtype=torch.float64)
+                torch.tensor([rep.pruned, rep.held, rep.mask_changed, rep.shadow_differs], dtype=torch.float64)
             )
-            rep.pruned, rep.held, rep.mask_changed = (int(c) for c in counts.tolist())
+            rep.pruned, rep.held, rep.mask_changed, rep.shadow_differs = (int(c) for c in counts.tolist())
         self.state.events_done += 1
         self.model.train(was_training)
         report.seconds = time.perf_counter() - start
@@ -215,12 +224,15 @@ class PruneEvent:
             a, b, scale = adapters[role]
             energy, hessian = stats.for_role(role)  # E: (in,), H: (in, in) or None
             valid, owned = acc.valid(), acc.owned()  # (rows_held, in) / (rows_held,) bool, None = all
+            shadow = None  # prune.ema_shadow's float32 EMA: (rows_held, in)
             rows = slice(acc.row_start, acc.row_start + u_block.shape[0])
             if isinstance(self.scorer, UpdatingScorer):
                 u_rows = _rows_of(owned, acc.complete_rows(u_block))  # whole owned rows: (rows_owned, in)
                 new_rows, keep_rows = self.scorer.prune_rows(u_rows, hessian, sparsity, n, m)
                 merged = _from_owners(acc, owned, new_rows.to(u_block.dtype), u_block)  # (rows_held, in)
             else:
+                if self.state.shadow is not None:  # before _ema, which overwrites the held state
+                    shadow = self._shadow(block, role, _held(scores[role], valid), valid, ema)  # (rows_held, in)
                 mixed = self._ema(block, role, _held(scores[role], valid), valid, ema)  # (rows_held, in)
                 keep_rows = row_mask(_rows_of(owned, acc.complete_rows(mixed)), sparsity, n, m)  # (rows_owned, in)
                 start_rows = None  # the masked weights the merge starts from, when not M ⊙ U: (rows_owned, in)
@@ -238,6 +250,10 @@ class PruneEvent:
             rep.pruned += int((~keep & held).sum())
             rep.held += int(held.sum())
             rep.mask_changed += int(((keep != previous_keep[role]) & held).sum()) if event > 0 else 0
+            if shadow is not None:
+                shadow_rows = row_mask(_rows_of(owned, acc.complete_rows(shadow)), sparsity, n, m)  # (rows_owned, in)
+                shadow_keep = _from_owners(acc, owned, shadow_rows.to(u_block.dtype), u_block) != 0  # (rows_held, in)
+                rep.shadow_differs += int(((shadow_keep != keep) & held).sum())
             new_a = fresh_lora_a(tuple(a.shape), adapter_seed(cfg.train.seed, event, block, role)).to(a.device)
             acc.write_adapter(new_a, torch.zeros_like(b), cfg.train.reset_after_prune)
 
@@ -250,6 +266,21 @@ class PruneEvent:
         if valid is None:
             return mixed
         out = torch.zeros_like(scores)
+        out[valid] = mixed
+        return out
+
+    def _shadow(self, block: int, role: str, scores: Tensor, valid: Tensor | None, ema: bool) -> Tensor:
+        """prune.ema_shadow: `_ema` with the previous scores held in float32 (the state's float32 twin); a shadow
+        missing after a resume starts from the held values."""
+        assert self.state.shadow is not None
+        key = PruneState.key(block, role)
+        held = scores if valid is None else scores[valid]  # (elements held,)
+        previous = self.state.shadow.get(key, self.state.ema.get(key)) if ema else None
+        mixed = ema_scores(held, previous, self.cfg.prune.ema_eta).float()
+        self.state.shadow[key] = mixed.to("cpu", copy=True)
+        if valid is None:
+            return mixed
+        out = torch.zeros_like(scores, dtype=mixed.dtype)
         out[valid] = mixed
         return out
 
