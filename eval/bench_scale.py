@@ -27,6 +27,11 @@ weights from a config.json), measured in this order, each written to --out as so
    per rank (torch.profiler's c10d op counts).
 10. `plain` again for each --variant (e.g. `nockpt:8`: no gradient checkpointing, micro-batch 8).
 With --plain-only, phases 2–6 are skipped (a step-time comparison, e.g. another --ds-config).
+Levers of issue 19, each alone: --liger (liger-kernel's RMSNorm, SwiGLU and RoPE patched into the LLaMA classes
+before the model is built), --deepcompile (DeepSpeed's compiled ZeRO-3: `"compile": {"deepcompile": true}` and
+`engine.compile()`; its compile cost is in the warm-up steps' seconds), --zero-set KEY=JSON (a zero_optimization key,
+e.g. stage3_module_granularity_threshold=100000000). --trace-step records the allocator over one step of the last
+plain run (what is live at the step's peak). --profile-step profiles one training step only (no event).
 
 FLOPs convention (MFU): N = elements of the frozen base model's linear weights (all projections and the LM
 head, no embedding, no LoRA). A frozen-base LoRA step costs 4N per token (forward 2N, input gradients 2N;
@@ -98,6 +103,11 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--plain-only", action="store_true", help="only the plain phases (primary and --variant)")
     parser.add_argument("--count-collectives", action="store_true", help="count one more event's collectives")
     parser.add_argument("--peak-tflops", type=float, default=None)
+    parser.add_argument("--liger", action="store_true", help="liger-kernel RMSNorm, SwiGLU, RoPE (LLaMA family)")
+    parser.add_argument("--deepcompile", action="store_true", help="DeepSpeed's compiled ZeRO-3 (engine.compile())")
+    parser.add_argument("--zero-set", action="append", default=[], metavar="KEY=JSON", help="a zero_optimization key")
+    parser.add_argument("--trace-step", action="store_true", help="allocator history of one step (CUDA only)")
+    parser.add_argument("--profile-step", action="store_true", help="torch.profiler tables of one training step")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     add_common_args(parser)
     return parser
@@ -125,11 +135,23 @@ class Bench:
             args, model_dir_with_layers(args.config_dir, args.layers), args.calib_samples, args.calib_seq
         )
         ds = ds_config(args, world)
+        for item in args.zero_set:
+            key, _, value = item.partition("=")
+            ds["zero_optimization"][key] = json.loads(value)
+        if args.deepcompile:
+            ds["compile"] = {"deepcompile": True}
+        if args.liger:
+            from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+            apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                        fused_linear_cross_entropy=False)  # fmt: skip
         if args.calib_samples % world:
             raise SystemExit(f"--calib-samples {args.calib_samples} must be a multiple of the world size {world}")
         init_distributed()
         set_seed(args.seed)
         self.engine = build_engine(self.cfg, ds)
+        if args.deepcompile:
+            self.engine.compile()
         hf_config = self.engine.module.config
         self.vocab = hf_config.vocab_size
         self.n_params = matmul_params(self.engine.module)
@@ -164,7 +186,7 @@ class Bench:
         args = self.args
         set_gradient_checkpointing(self.engine, ckpt)
         batches = random_batches(self.vocab, micro_batch, args.seq, 2, args.seed)
-        self.step_seconds(batches, args.warmup)
+        warmup = self.step_seconds(batches, args.warmup)  # with --deepcompile: the compile cost per start
         reset_peaks()
         times = self.step_seconds(batches, args.steps)
         median = statistics.median(times)
@@ -176,6 +198,7 @@ class Bench:
             "micro_batch": micro_batch,
             "seq": args.seq,
             "step_seconds": times,
+            "warmup_step_seconds": warmup,
             "median_step_s": median,
             "tokens_per_s_per_gpu": tokens,
             "tokens_per_s_total": tokens * self.engine.world_size,
@@ -285,6 +308,27 @@ class Bench:
         event_tables = profile_tables(self.one_more_event)
         self.results.add({"phase": "profile", "what": "one prune event (PBS, EMA)", "tables": event_tables})
 
+    def profile_step(self) -> None:
+        """torch.profiler tables of one training step of the primary setting."""
+        args = self.args
+        set_gradient_checkpointing(self.engine, args.grad_ckpt)
+        batch = random_batches(self.vocab, args.micro_batch, args.seq, 1, args.seed + 2)[0]
+        self.engine.train()
+        step_tables = profile_tables(lambda: train_micro_step(self.engine, batch))
+        self.results.add({"phase": "profile", "what": "one training step", "tables": step_tables})
+
+    def trace_step(self, ckpt: bool, micro_batch: int, name: str) -> None:
+        """One training step (`name`'s setting) with the CUDA allocator's history recorded: what is live at its
+        peak (rank 0's)."""
+        if not torch.cuda.is_available():
+            return
+        set_gradient_checkpointing(self.engine, ckpt)
+        batch = random_batches(self.vocab, micro_batch, self.args.seq, 1, self.args.seed + 3)[0]
+        self.engine.train()
+        reset_peaks()
+        summary = traced_peak(lambda: train_micro_step(self.engine, batch))
+        self.results.add({"phase": "step_memory_trace", "variant": name, "rank": 0, **summary, **memory_record()})
+
     def one_more_event(self) -> None:
         """An event at --sparsity with PBS and EMA on the model as it is: what the profile, trace and count see."""
         self.events.run(self.calibration, self.args.sparsity, pbs=self.args.pbs != "off", ema=True, progress=False)
@@ -392,9 +436,15 @@ def main(argv: list[str] | None = None) -> None:
         bench.memory_trace()
     if args.count_collectives:
         bench.collectives()
+    if args.profile_step:
+        bench.profile_step()
+    last = (args.grad_ckpt, args.micro_batch, "primary")
     for spec in args.variant:  # last: the first to go when a time limit cuts the run short
         ckpt, mb = parse_variant(spec)
         bench.plain(ckpt, mb, spec)
+        last = (ckpt, mb, spec)
+    if args.trace_step:
+        bench.trace_step(*last)
     sync()
     shutdown_distributed()
     if bench.engine.global_rank == 0:
