@@ -38,7 +38,7 @@ run() {  # NAME COMMAND...
       "/tmp/step_logs/$name.log" | tail -n 15 | cut -c1-400; } >> "$OUT/runs.log"
   echo "$name rc=$rc seconds=$(( $(date +%s) - t0 ))"
 }
-ds1() { deepspeed --num_gpus 1 --master_port 29521 "$@"; }
+ds1=(deepspeed --num_gpus 1 --master_port 29521)
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,utilization.gpu --format=csv,noheader >> "$OUT/runs.log"
 uptime >> "$OUT/runs.log"
@@ -54,24 +54,24 @@ for what in "$@"; do
     anchor7b_liger) run anchor7b_liger python3 eval/plain_lora_anchor.py --config-dir $c7 "${anchor[@]}" --liger \
                  --out "$OUT/anchor_7b_liger.json" ;;
     anchor8b) run anchor8b python3 eval/plain_lora_anchor.py --config-dir $c8 "${anchor[@]}" --out "$OUT/anchor_8b.json" ;;
-    exert7b) run exert7b ds1 eval/bench_scale.py --config-dir $c7 "${bench[@]}" --trace-step --out "$OUT/exert_7b.json" ;;
-    exert8b) run exert8b ds1 eval/bench_scale.py --config-dir $c8 "${bench[@]}" --out "$OUT/exert_8b.json" ;;
-    event7b) run event7b ds1 eval/bench_scale.py --config-dir $c7 --seq 1024 --micro-batch 4 --grad-ckpt --warmup 2 \
+    exert7b) run exert7b "${ds1[@]}" eval/bench_scale.py --config-dir $c7 "${bench[@]}" --trace-step --out "$OUT/exert_7b.json" ;;
+    exert8b) run exert8b "${ds1[@]}" eval/bench_scale.py --config-dir $c8 "${bench[@]}" --out "$OUT/exert_8b.json" ;;
+    event7b) run event7b "${ds1[@]}" eval/bench_scale.py --config-dir $c7 --seq 1024 --micro-batch 4 --grad-ckpt --warmup 2 \
                  --steps 4 --event-every 2 --calib-samples 32 --calib-seq 2048 --calib-micro-batch 4 \
                  --out "$OUT/event_7b.json" ;;
-    liger7b) run liger7b ds1 eval/bench_scale.py --config-dir $c7 "${bench[@]}" --liger --label liger \
+    liger7b) run liger7b "${ds1[@]}" eval/bench_scale.py --config-dir $c7 "${bench[@]}" --liger --label liger \
                  --out "$OUT/exert_7b_liger.json" ;;
-    granularity7b) run granularity7b ds1 eval/bench_scale.py --config-dir $c7 "${bench[@]}" \
+    granularity7b) run granularity7b "${ds1[@]}" eval/bench_scale.py --config-dir $c7 "${bench[@]}" \
                  --zero-set stage3_module_granularity_threshold=100000000 --label "module granularity 1e8" \
                  --out "$OUT/exert_7b_granularity.json" ;;
-    persist7b) run persist7b ds1 eval/bench_scale.py --config-dir $c7 "${bench[@]}" \
+    persist7b) run persist7b "${ds1[@]}" eval/bench_scale.py --config-dir $c7 "${bench[@]}" \
                  --ds-config ds_configs/zero3_bf16_persistent.json --label "every parameter persistent" \
                  --out "$OUT/exert_7b_persistent.json" ;;
-    profile4) run profile4 ds1 eval/bench_scale.py --config-dir $c7 --layers 4 "${bench[@]}" --profile-step \
+    profile4) run profile4 "${ds1[@]}" eval/bench_scale.py --config-dir $c7 --layers 4 "${bench[@]}" --profile-step \
                  --out "$OUT/exert_4blocks_profile.json" ;;
-    deepcompile4) run deepcompile4 ds1 eval/bench_scale.py --config-dir $c7 --layers 4 "${bench[@]}" --deepcompile \
+    deepcompile4) run deepcompile4 "${ds1[@]}" eval/bench_scale.py --config-dir $c7 --layers 4 "${bench[@]}" --deepcompile \
                  --profile-step --label deepcompile --out "$OUT/exert_4blocks_deepcompile.json" ;;
-    eager4) run eager4 ds1 eval/bench_scale.py --config-dir $c7 --layers 4 "${bench[@]}" --out "$OUT/exert_4blocks.json" ;;
+    eager4) run eager4 "${ds1[@]}" eval/bench_scale.py --config-dir $c7 --layers 4 "${bench[@]}" --out "$OUT/exert_4blocks.json" ;;
     anchor4) run anchor4 python3 eval/plain_lora_anchor.py --config-dir $c7 --layers 4 --seq 1024 --variant 4:1 \
                  --variant 8:0 --warmup 3 --steps 6 --out "$OUT/anchor_4blocks.json" ;;
     *) echo "unknown run $what" | tee -a "$OUT/runs.log" ;;
