@@ -65,6 +65,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calib-micro-batch", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--label", default="", help="free text stored with the results")
+    parser.add_argument("--adapter-dtype", default="float32", choices=("float32", "model"), help="train.adapter_dtype")
 
 
 def run_config(args: argparse.Namespace, config_dir: str, calib_samples: int, calib_seq: int) -> RunConfig:
@@ -76,7 +77,7 @@ def run_config(args: argparse.Namespace, config_dir: str, calib_samples: int, ca
         calibration=CalibrationConfig(num_samples=calib_samples, seq_len=calib_seq, micro_batch=args.calib_micro_batch),
         prune=PruneConfig(sparsity=args.sparsity, every_steps=getattr(args, "event_every", None)),
         pbs=PBSConfig(mode=args.pbs),
-        train=TrainConfig(gradient_checkpointing=args.grad_ckpt, seed=args.seed),
+        train=TrainConfig(gradient_checkpointing=args.grad_ckpt, seed=args.seed, adapter_dtype=args.adapter_dtype),
     )
 
 

@@ -104,6 +104,7 @@ PbsMode = Literal["hessian", "reference", "off"]
 ScorerName = Annotated[str, OneOf(scorer_registry)]  # every registered scorer (prune/scorers.py)
 MatmulPrecision = Literal["highest", "high"]  # torch.set_float32_matmul_precision's names: float32, TF32 on CUDA
 ResetPolicy = Literal["none", "zero", "keep_v"]  # `train.reset_after_prune` (algorithm.md §5)
+AdapterDtype = Literal["float32", "model"]  # `train.adapter_dtype`
 DataFormat = Literal["text", "instruction"]  # a data source's `format`
 DATA_FORMATS: tuple[str, ...] = typing.get_args(DataFormat)
 
@@ -197,6 +198,9 @@ class TrainConfig:
     save_every_steps: Positive | None = None  # checkpoints also after every prune event and at the end
     keep_checkpoints: Positive = 2
     save_event_adapters: bool = False  # each event's adapter before its merge: output_dir/event_adapters/event-K
+    # LoRA's parameters: float32 (PEFT's autocast of bf16/fp16 adapters), or the model's dtype, with DeepSpeed's bf16
+    # optimizer keeping the float32 master copy (no float32 copy of every projection's input kept for backward)
+    adapter_dtype: AdapterDtype = "float32"
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """The single-process prune event against a sequential re-implementation (tests/reference.py)."""
 
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -393,3 +394,28 @@ def test_ema_shadow_reports_where_a_float32_ema_would_choose_another_mask():
     assert sum(differs.values()) > 0  # bfloat16 rounding does move some entries on this model
     assert exact_state.shadow is None and "ema_shadow_differs/q" not in runs[torch.float32][2][1].scalars()
 
+
+
+def keep(saved: dict, tensor: torch.Tensor) -> torch.Tensor:
+    saved.setdefault(tensor.data_ptr(), tensor)
+    return tensor
+
+
+def test_adapter_dtype_float32_or_the_models():
+    """train.adapter_dtype (issue 19): PEFT's float32 adapters on a bf16 model, or adapters in the model's dtype. With
+    the model's, the seven projections of every block no longer keep a float32 copy of their input for backward (the
+    float32 tensors left are RMSNorm's and RoPE's, the same in both); the output keeps the model's dtype."""
+    from exert_ds.model.lora import attach_lora
+
+    ids = calibration_ids()[:1, :8]
+    float32_saved = {}
+    for adapter_dtype, want in (("float32", torch.float32), ("model", torch.bfloat16)):
+        model = attach_lora(tiny_model("llama").to(torch.bfloat16), {"r": 4}, adapter_dtype=adapter_dtype)
+        assert {p.dtype for name, p in model.named_parameters() if "lora_" in name} == {want}
+        saved: dict[int, torch.Tensor] = {}
+        with torch.autograd.graph.saved_tensors_hooks(partial(keep, saved), lambda t: t):
+            out = model(input_ids=ids).logits
+        assert out.dtype == torch.bfloat16
+        float32_saved[adapter_dtype] = sum(t.numel() for t in saved.values() if t.dtype == torch.float32)
+    hidden = tiny_model("llama").config.hidden_size
+    assert float32_saved["float32"] - float32_saved["model"] >= 2 * hidden * ids.numel()  # ≥ the q and gate inputs

@@ -18,11 +18,16 @@ from exert_ds.model.architecture import block_linears, target_module_names
 from exert_ds.roles import ROLES
 
 
-def attach_lora(model: nn.Module, lora_kwargs: dict, roles: tuple[str, ...] = ROLES) -> nn.Module:
+def attach_lora(
+    model: nn.Module, lora_kwargs: dict, roles: tuple[str, ...] = ROLES, adapter_dtype: str = "float32"
+) -> nn.Module:
     """Wrap `model` with PEFT LoRA; `lora_kwargs` are LoraConfig's own fields (r, lora_alpha, ...).
-    Without `target_modules` there, LoRA goes on the projections of `roles` (default: all seven)."""
+    Without `target_modules` there, LoRA goes on the projections of `roles` (default: all seven). `adapter_dtype`
+    (train.adapter_dtype): "float32" keeps PEFT's default (a bf16/fp16 model's adapters are cast to float32, so each
+    projection casts its input to float32 and keeps that copy for backward), "model" holds them in the model's dtype
+    (PEFT's `autocast_adapter_dtype=False`)."""
     kwargs = {"task_type": "CAUSAL_LM", "target_modules": target_module_names(model, roles), **lora_kwargs}
-    return get_peft_model(model, LoraConfig(**kwargs))
+    return get_peft_model(model, LoraConfig(**kwargs), autocast_adapter_dtype=adapter_dtype == "float32")
 
 
 def lora_layer(module: nn.Module, role: str) -> LoraLayer:

@@ -195,7 +195,7 @@ def build_engine(cfg: RunConfig, ds_config: dict, adapter: str | None = None) ->
         model.enable_input_require_grads()
     with user_errors("model"):
         check_pattern_fits(model, cfg.prune.n, cfg.prune.m)
-        model = attach_lora(model, dict(cfg.lora))
+        model = attach_lora(model, dict(cfg.lora), adapter_dtype=cfg.train.adapter_dtype)
     model._exert_hf_ds_config = keep_alive  # HfDeepSpeedConfig must outlive the model
     if adapter:
         load_adapter_weights(model, adapter)
