@@ -16,6 +16,9 @@
 #   profile4:     4 blocks: profile of one training step, default engine
 #   deepcompile4: 4 blocks, --deepcompile (compile seconds = warm-up steps); eager4: the same without
 #   anchor8b, exert8b: the 8B (GQA) shape
+#   adapter7b:    exert7b with train.adapter_dtype model (LoRA in bf16, DeepSpeed's bf16 optimizer keeps float32 masters)
+#   best7b, best8b: granularity + adapter dtype together (+ the step's allocator trace);  best7b_liger: and --liger
+#   profile4_best: profile4 with granularity + adapter dtype
 set -uo pipefail
 source eval/gpu_setup.sh || exit 1
 OUT=${OUT:-/tmp/step_out}
@@ -24,6 +27,7 @@ start=$(date +%s)
 budget=${BUDGET_S:-560}
 left() { echo $(( budget - ($(date +%s) - start) )); }
 c7=eval/configs/llama2_7b_shape c8=eval/configs/llama3_8b_shape
+best=(--zero-set stage3_module_granularity_threshold=100000000 --adapter-dtype model)
 bench=(--seq 1024 --micro-batch 4 --grad-ckpt --lora-r 16 --warmup 3 --steps 6 --plain-only --variant nockpt:8)
 anchor=(--seq 1024 --variant 8:0 --variant 4:1 --warmup 3 --steps 6 --calib-forward 32:2048:4)
 
@@ -74,6 +78,16 @@ for what in "$@"; do
     eager4) run eager4 "${ds1[@]}" eval/bench_scale.py --config-dir $c7 --layers 4 "${bench[@]}" --out "$OUT/exert_4blocks.json" ;;
     anchor4) run anchor4 python3 eval/plain_lora_anchor.py --config-dir $c7 --layers 4 --seq 1024 --variant 4:1 \
                  --variant 8:0 --warmup 3 --steps 6 --out "$OUT/anchor_4blocks.json" ;;
+    adapter7b) run adapter7b "${ds1[@]}" eval/bench_scale.py --config-dir $c7 "${bench[@]}" --adapter-dtype model \
+                 --trace-step --label "adapter dtype model" --out "$OUT/exert_7b_adapter.json" ;;
+    best7b) run best7b "${ds1[@]}" eval/bench_scale.py --config-dir $c7 "${bench[@]}" "${best[@]}" --trace-step \
+                 --label "granularity 1e8 + adapter dtype model" --out "$OUT/exert_7b_best.json" ;;
+    best7b_liger) run best7b_liger "${ds1[@]}" eval/bench_scale.py --config-dir $c7 "${bench[@]}" "${best[@]}" --liger \
+                 --label "granularity 1e8 + adapter dtype model + liger" --out "$OUT/exert_7b_best_liger.json" ;;
+    best8b) run best8b "${ds1[@]}" eval/bench_scale.py --config-dir $c8 "${bench[@]}" "${best[@]}" \
+                 --label "granularity 1e8 + adapter dtype model" --out "$OUT/exert_8b_best.json" ;;
+    profile4_best) run profile4_best "${ds1[@]}" eval/bench_scale.py --config-dir $c7 --layers 4 "${bench[@]}" "${best[@]}" \
+                 --profile-step --label "granularity 1e8 + adapter dtype model" --out "$OUT/exert_4blocks_profile_best.json" ;;
     *) echo "unknown run $what" | tee -a "$OUT/runs.log" ;;
   esac
 done
