@@ -19,6 +19,9 @@
 #   adapter7b:    exert7b with train.adapter_dtype model (LoRA in bf16, DeepSpeed's bf16 optimizer keeps float32 masters)
 #   best7b, best8b: granularity + adapter dtype together (+ the step's allocator trace);  best7b_liger: and --liger
 #   profile4_best: profile4 with granularity + adapter dtype
+#   mel7b, mel8b: best7b/best8b with memory_efficient_linear false (torch's F.linear in place of DeepSpeed's
+#                 LinearFunctionForZeroStage3, whose backward led the CPU profile); profile4_mel: its 4-block profile
+#   deepcompile4_mel: 4 blocks, the mel settings and --deepcompile
 set -uo pipefail
 source eval/gpu_setup.sh || exit 1
 OUT=${OUT:-/tmp/step_out}
@@ -88,6 +91,18 @@ for what in "$@"; do
                  --label "granularity 1e8 + adapter dtype model" --out "$OUT/exert_8b_best.json" ;;
     profile4_best) run profile4_best "${ds1[@]}" eval/bench_scale.py --config-dir $c7 --layers 4 "${bench[@]}" "${best[@]}" \
                  --profile-step --label "granularity 1e8 + adapter dtype model" --out "$OUT/exert_4blocks_profile_best.json" ;;
+    mel7b) run mel7b "${ds1[@]}" eval/bench_scale.py --config-dir $c7 "${bench[@]}" "${best[@]}" \
+                 --zero-set memory_efficient_linear=false --label "granularity 1e8 + adapter dtype model + F.linear" \
+                 --out "$OUT/exert_7b_mel.json" ;;
+    mel8b) run mel8b "${ds1[@]}" eval/bench_scale.py --config-dir $c8 "${bench[@]}" "${best[@]}" \
+                 --zero-set memory_efficient_linear=false --label "granularity 1e8 + adapter dtype model + F.linear" \
+                 --out "$OUT/exert_8b_mel.json" ;;
+    profile4_mel) run profile4_mel "${ds1[@]}" eval/bench_scale.py --config-dir $c7 --layers 4 "${bench[@]}" "${best[@]}" \
+                 --zero-set memory_efficient_linear=false --profile-step --label "granularity + adapter + F.linear" \
+                 --out "$OUT/exert_4blocks_profile_mel.json" ;;
+    deepcompile4_mel) run deepcompile4_mel "${ds1[@]}" eval/bench_scale.py --config-dir $c7 --layers 4 "${bench[@]}" \
+                 "${best[@]}" --zero-set memory_efficient_linear=false --deepcompile --label "mel + deepcompile" \
+                 --out "$OUT/exert_4blocks_deepcompile_mel.json" ;;
     *) echo "unknown run $what" | tee -a "$OUT/runs.log" ;;
   esac
 done
