@@ -65,7 +65,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calib-micro-batch", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--label", default="", help="free text stored with the results")
-    parser.add_argument("--adapter-dtype", default="float32", choices=("float32", "model"), help="train.adapter_dtype")
+    parser.add_argument("--adapter-dtype", default="model", choices=("float32", "model"), help="train.adapter_dtype")
 
 
 def run_config(args: argparse.Namespace, config_dir: str, calib_samples: int, calib_seq: int) -> RunConfig:

@@ -16,6 +16,8 @@
 #   profile4:     4 blocks: profile of one training step, default engine
 #   deepcompile4: 4 blocks, --deepcompile (compile seconds = warm-up steps); eager4: the same without
 #   anchor8b, exert8b: the 8B (GQA) shape
+#   blocks70b:    eval/bench_70b_blocks.py, 3 blocks of the 70B shape with the default DeepSpeed config (issue 19.3)
+# (deepcompile4 sets TORCH_CUDA_ARCH_LIST=9.0: DeepSpeed 0.19.8's op builder cannot parse the image's arch list.)
 #   adapter7b:    exert7b with train.adapter_dtype model (LoRA in bf16, DeepSpeed's bf16 optimizer keeps float32 masters)
 #   best7b, best8b: granularity + adapter dtype together (+ the step's allocator trace);  best7b_liger: and --liger
 #   profile4_best: profile4 with granularity + adapter dtype
@@ -76,7 +78,7 @@ for what in "$@"; do
                  --out "$OUT/exert_7b_persistent.json" ;;
     profile4) run profile4 "${ds1[@]}" eval/bench_scale.py --config-dir $c7 --layers 4 "${bench[@]}" --profile-step \
                  --out "$OUT/exert_4blocks_profile.json" ;;
-    deepcompile4) run deepcompile4 "${ds1[@]}" eval/bench_scale.py --config-dir $c7 --layers 4 "${bench[@]}" --deepcompile \
+    deepcompile4) run deepcompile4 env TORCH_CUDA_ARCH_LIST=9.0 "${ds1[@]}" eval/bench_scale.py --config-dir $c7 --layers 4 "${bench[@]}" --deepcompile \
                  --profile-step --label deepcompile --out "$OUT/exert_4blocks_deepcompile.json" ;;
     eager4) run eager4 "${ds1[@]}" eval/bench_scale.py --config-dir $c7 --layers 4 "${bench[@]}" --out "$OUT/exert_4blocks.json" ;;
     anchor4) run anchor4 python3 eval/plain_lora_anchor.py --config-dir $c7 --layers 4 --seq 1024 --variant 4:1 \
@@ -103,6 +105,9 @@ for what in "$@"; do
     deepcompile4_mel) run deepcompile4_mel "${ds1[@]}" eval/bench_scale.py --config-dir $c7 --layers 4 "${bench[@]}" \
                  "${best[@]}" --zero-set memory_efficient_linear=false --deepcompile --label "mel + deepcompile" \
                  --out "$OUT/exert_4blocks_deepcompile_mel.json" ;;
+    blocks70b) run blocks70b "${ds1[@]}" eval/bench_70b_blocks.py --config-dir eval/configs/llama3_70b_shape --layers 3 \
+                 --seq 1024 --micro-batch 1 --calib-samples 16 --calib-seq 2048 --calib-micro-batch 2 \
+                 --out "$OUT/bench_70b_blocks_1gpu.json" ;;
     *) echo "unknown run $what" | tee -a "$OUT/runs.log" ;;
   esac
 done

@@ -200,7 +200,7 @@ class TrainConfig:
     save_event_adapters: bool = False  # each event's adapter before its merge: output_dir/event_adapters/event-K
     # LoRA's parameters: float32 (PEFT's autocast of bf16/fp16 adapters), or the model's dtype, with DeepSpeed's bf16
     # optimizer keeping the float32 master copy (no float32 copy of every projection's input kept for backward)
-    adapter_dtype: AdapterDtype = "float32"
+    adapter_dtype: AdapterDtype = "model"
 
 
 @dataclass

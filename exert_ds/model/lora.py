@@ -19,7 +19,7 @@ from exert_ds.roles import ROLES
 
 
 def attach_lora(
-    model: nn.Module, lora_kwargs: dict, roles: tuple[str, ...] = ROLES, adapter_dtype: str = "float32"
+    model: nn.Module, lora_kwargs: dict, roles: tuple[str, ...] = ROLES, adapter_dtype: str = "model"
 ) -> nn.Module:
     """Wrap `model` with PEFT LoRA; `lora_kwargs` are LoraConfig's own fields (r, lora_alpha, ...).
     Without `target_modules` there, LoRA goes on the projections of `roles` (default: all seven). `adapter_dtype`
