@@ -6,7 +6,7 @@ bench_scale JSON is labelled by the levers it ran with (read from its recorded D
 each of its plain settings is divided by the anchor's same setting of the same shape in the same lease.
 
   python3 eval/step_anchor_table.py L1=eval/results/perf/2026-12-01/call1,eval/results/perf/2026-12-01/call2 ... \\
-      --summary-lease L4 --summary-config "granularity 1e8 + F.linear + bf16 adapters" \\
+      --summary-lease L4 --summary-config "granularity 1e+08 + F.linear + adapters in the model's dtype" \\
       --out eval/results/perf_anchor.md --summary eval/results/perf_summary.json
 """
 
@@ -16,12 +16,33 @@ import argparse
 import json
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[1]
+
 SETTINGS = {("nockpt:8", False, 8): "mb8_norecompute", ("primary", True, 4): "mb4_recompute"}
 ANCHOR_SETTING = {"8:0": "mb8_norecompute", "4:1": "mb4_recompute"}
 
 
-def shape_of(config: dict) -> str:
-    return "8b" if config.get("num_key_value_heads", 0) != config.get("num_attention_heads", 0) else "7b"
+def fmt(value: float | None, spec: str) -> str:
+    """`value` formatted, or — where it was not measured (CPU runs have no peak memory or MFU)."""
+    return "—" if value is None else format(value, spec)
+
+
+def ratio(num: float | None, den: float | None) -> float | None:
+    return None if num is None or not den else num / den
+
+
+def shape_of(config_dir: str) -> str:
+    """"7b" / "8b" for eval/configs/llama2_7b_shape / llama3_8b_shape, else the config folder's name."""
+    name = Path(config_dir.rstrip("/")).name
+    return "8b" if "8b" in name else "7b" if "7b" in name else name
+
+
+def full_depth(config_dir: str) -> int | None:
+    """num_hidden_layers of the config folder (relative to the repository when not found as given)."""
+    for folder in (Path(config_dir), REPO / config_dir):
+        if (folder / "config.json").is_file():
+            return json.loads((folder / "config.json").read_text())["num_hidden_layers"]
+    return None
 
 
 def levers(meta: dict) -> str:
@@ -34,7 +55,7 @@ def levers(meta: dict) -> str:
         out.append("F.linear")
     if zero.get("stage3_param_persistence_threshold", 0) >= 1e9:
         out.append("all persistent")
-    out.append(f"{'bf16' if args.get('adapter_dtype', 'float32') == 'model' else 'fp32'} adapters")
+    out.append("adapters in the model's dtype" if args.get("adapter_dtype", "float32") == "model" else "fp32 adapters")
     if args.get("liger"):
         out.append("liger")
     if args.get("deepcompile"):
@@ -52,9 +73,9 @@ def read_lease(dirs: list[Path]) -> tuple[dict, list[dict]]:
         for path in sorted(folder.glob("anchor_*.json")):
             doc = json.loads(path.read_text())
             meta = doc["meta"]
-            if meta.get("layers", 32) < 16:
-                continue
-            shape = "8b" if "8b" in path.name else "7b"
+            if meta["layers"] != full_depth(meta["config_dir"]):
+                continue  # a cut model (--layers): compared with nothing
+            shape = shape_of(meta["config_dir"])
             for r in doc["results"]:
                 key = (shape, ANCHOR_SETTING[r["variant"]], bool(meta.get("liger")), r["compile"])
                 anchors[key] = {**r, "file": str(path), "date": meta["date"], "calib_forward": meta.get("calib_forward")}
@@ -72,10 +93,10 @@ def read_lease(dirs: list[Path]) -> tuple[dict, list[dict]]:
                 if setting is None:
                     continue
                 runs.append({
-                    "file": str(path), "shape": shape_of(meta["model_config"]), "setting": setting,
+                    "file": str(path), "shape": shape_of(meta["args"]["config_dir"]), "setting": setting,
                     "levers": levers(meta), "liger": bool(meta.get("args", {}).get("liger")),
                     "blocks": meta.get("args", {}).get("layers"), "step_s": m["median_step_s"],
-                    "peak_gib": max(m["peak_allocated_gib"]), "mfu": m["mfu"], "date": meta["date"],
+                    "peak_gib": max(m["peak_allocated_gib"]) if m.get("peak_allocated_gib") else None, "mfu": m["mfu"], "date": meta["date"],
                     "command": meta["command"],
                 })  # fmt: skip
     return anchors, runs
@@ -92,7 +113,7 @@ def event_rows(dirs: list[Path], anchors: dict) -> list[dict]:
             phases = {m["phase"]: m for m in doc.get("measurements", [])}
             if "schedule" not in phases or "ds_config" not in doc.get("meta", {}):
                 continue
-            shape = shape_of(doc["meta"]["model_config"])
+            shape = shape_of(doc["meta"]["args"]["config_dir"])
             ref = forward.get(shape)
             tokens = phases["forward"]["calibration_tokens_per_rank"]
             if not ref or ref["samples"] * ref["seq"] != tokens:
@@ -114,6 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--summary-lease", required=True)
     parser.add_argument("--summary-levers", required=True, help="the levers label of the runs the summary reports")
     parser.add_argument("--summary-note", default="")
+    parser.add_argument("--analysis", type=Path, default=None, help="a hand-written reading appended to --out")
     parser.add_argument("--summary-date", required=True)
     parser.add_argument("--summary-extra", default="{}", help="JSON merged into each shape's entry (unmeasured keys)")
     args = parser.parse_args(argv)
@@ -137,20 +159,31 @@ def main(argv: list[str] | None = None) -> dict:
         lines += ["| shape | anchor | setting | s/step | peak GiB | MFU (4N) |", "|---|---|---|---:|---:|---:|"]
         for (shape, setting, liger, compiled), a in sorted(anchors.items()):
             label = ("liger" if liger else "eager") + ("" if compiled == "none" else f", compile {compiled}")
-            lines.append(f"| {shape} | {label} | {setting} | {a['s_per_step_median']:.3f} | {a['peak_alloc_gib']:.1f} | "
-                         f"{a['mfu_4N']:.1%} |")  # fmt: skip
+            lines.append(f"| {shape} | {label} | {setting} | {a['s_per_step_median']:.3f} | "
+                         f"{fmt(a['peak_alloc_gib'], '.1f')} | {fmt(a['mfu_4N'], '.1%')} |")  # fmt: skip
         lines += ["", "| shape | exert_ds levers | setting | s/step | × anchor step | peak GiB | × anchor peak | MFU |",
                   "|---|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
         for r in sorted(runs, key=lambda r: (r["shape"], r["levers"], r["setting"])):
             a = anchors.get((r["shape"], r["setting"], False, "none")) if not r["blocks"] else None
-            ratio = f"{r['step_s'] / a['s_per_step_median']:.2f}×" if a else "—"
-            mem = f"{r['peak_gib'] / a['peak_alloc_gib']:.2f}×" if a else "—"
-            lines.append(f"| {r['shape']} | {r['levers']} | {r['setting']} | {r['step_s']:.3f} | {ratio} | "
-                         f"{r['peak_gib']:.1f} | {mem} | {r['mfu']:.1%} |")  # fmt: skip
+            step = ratio(r["step_s"], a and a["s_per_step_median"])
+            mem = ratio(r["peak_gib"], a and a["peak_alloc_gib"])
+            lines.append(f"| {r['shape']} | {r['levers']} | {r['setting']} | {r['step_s']:.3f} | {fmt(step, '.2f')}{'×' if step else ''} | "
+                         f"{fmt(r['peak_gib'], '.1f')} | {fmt(mem, '.2f')}{'×' if mem else ''} | {fmt(r['mfu'], '.1%')} |")  # fmt: skip
             if name == args.summary_lease and r["levers"] == args.summary_levers and a:
                 entry = summary.setdefault(r["shape"], {"config": r["levers"], "lease": name})
-                entry.setdefault("step_over_anchor", {})[r["setting"]] = round(r["step_s"] / a["s_per_step_median"], 3)
-                entry.setdefault("memory_over_anchor", {})[r["setting"]] = round(r["peak_gib"] / a["peak_alloc_gib"], 3)
+                entry.setdefault("step_over_anchor", {})[r["setting"]] = round(step, 3)
+                entry.setdefault("memory_over_anchor", {})[r["setting"]] = mem and round(mem, 3)
+        for folder in dirs.split(","):
+            for path in sorted(Path(folder).glob("*.json")):
+                doc = json.loads(path.read_text())
+                for m in doc.get("measurements", []):
+                    if m["phase"] == "profile" and "ds_config" in doc.get("meta", {}):
+                        lines += ["", f"Profile of {m['what']}, {levers(doc['meta'])} (`{path.name}`), top rows by "
+                                  "self CPU time and by self CUDA time:", "", "```"]  # fmt: skip
+                        for table in ("by_self_cpu_time", "by_self_cuda_time"):
+                            rows = m["tables"].get(table, "").splitlines()
+                            lines += [row[:200] for row in rows[:14]] + [""]
+                        lines.append("```")
         events = event_rows([Path(d) for d in dirs.split(",")], anchors)
         if events:
             lines += ["", "| shape | exert_ds levers | pass | tokens | s | anchor forward s | × anchor forward |",
@@ -167,10 +200,12 @@ def main(argv: list[str] | None = None) -> dict:
         if shape in summary and shape in summary.get("event_over_anchor_forward", {}):
             summary[shape]["event_over_anchor_forward"] = summary["event_over_anchor_forward"][shape]
     summary.pop("event_over_anchor_forward", None)
-    for shape in ("7b", "8b"):
-        summary.setdefault(shape, {}).update(json.loads(args.summary_extra))
+    for entry in summary.values():  # the keys no lease measured (null, with the note saying why)
+        entry.update(json.loads(args.summary_extra))
     doc = {"date": args.summary_date, "summary_lease": args.summary_lease, "note": args.summary_note, **summary}
     args.summary.write_text(json.dumps(doc, indent=1) + "\n")
+    if args.analysis:
+        lines += ["", args.analysis.read_text().strip()]
     args.out.write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out} and {args.summary}")
     return doc
