@@ -16,8 +16,8 @@ recompute the hardware also runs another 2N (HFU = 6N). "6N-convention MFU" = 6 
 fine-tuning convention some papers quote for LoRA too). Peak = 989 TFLOP/s (H200 dense bf16 datasheet, the
 project's), plus the ratio to a bf16 8192^3 matmul measured in the same process.
 
-  python3 ../shared/tools/plain_lora_anchor.py --config-dir eval/configs/llama2_7b_shape --variant 8:0 --variant 4:1 --out r.json
-  python3 ../shared/tools/plain_lora_anchor.py ... --compile regional --variant 8:0      (torch.compile of every decoder layer)
+  python3 eval/plain_lora_anchor.py --config-dir eval/configs/llama2_7b_shape --variant 8:0 --variant 4:1 --out r.json
+  python3 eval/plain_lora_anchor.py ... --compile regional --variant 8:0      (torch.compile of every decoder layer)
 Variant = MICRO_BATCH:RECOMPUTE(0|1).
 """
 

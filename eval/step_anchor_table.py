@@ -6,7 +6,7 @@ bench_scale JSON is labelled by the levers it ran with (read from its recorded D
 each of its plain settings is divided by the anchor's same setting of the same shape in the same lease.
 
   python3 eval/step_anchor_table.py L1=eval/results/perf/2026-12-01/call1,eval/results/perf/2026-12-01/call2 ... \\
-      --summary-lease L4 --summary-config "granularity 1e+08 + F.linear + adapters in the model's dtype" \\
+      --summary-lease L4 --summary-levers "granularity 1e+08 + F.linear + adapters in the model's dtype" \\
       --out eval/results/perf_anchor.md --summary eval/results/perf_summary.json
 """
 
@@ -161,14 +161,15 @@ def main(argv: list[str] | None = None) -> dict:
             label = ("liger" if liger else "eager") + ("" if compiled == "none" else f", compile {compiled}")
             lines.append(f"| {shape} | {label} | {setting} | {a['s_per_step_median']:.3f} | "
                          f"{fmt(a['peak_alloc_gib'], '.1f')} | {fmt(a['mfu_4N'], '.1%')} |")  # fmt: skip
-        lines += ["", "| shape | exert_ds levers | setting | s/step | × anchor step | peak GiB | × anchor peak | MFU |",
-                  "|---|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+        lines += ["", "| shape | exert_ds levers | setting | s/step | × anchor step | peak GiB | × anchor peak | MFU | file |",
+                  "|---|---|---|---:|---:|---:|---:|---:|---|"]  # fmt: skip
         for r in sorted(runs, key=lambda r: (r["shape"], r["levers"], r["setting"])):
-            a = anchors.get((r["shape"], r["setting"], False, "none")) if not r["blocks"] else None
+            a = anchors.get((r["shape"], r["setting"], r["liger"], "none")) if not r["blocks"] else None
             step = ratio(r["step_s"], a and a["s_per_step_median"])
             mem = ratio(r["peak_gib"], a and a["peak_alloc_gib"])
             lines.append(f"| {r['shape']} | {r['levers']} | {r['setting']} | {r['step_s']:.3f} | {fmt(step, '.2f')}{'×' if step else ''} | "
-                         f"{fmt(r['peak_gib'], '.1f')} | {fmt(mem, '.2f')}{'×' if mem else ''} | {fmt(r['mfu'], '.1%')} |")  # fmt: skip
+                         f"{fmt(r['peak_gib'], '.1f')} | {fmt(mem, '.2f')}{'×' if mem else ''} | {fmt(r['mfu'], '.1%')} | "
+                         f"{Path(r['file']).name} |")  # fmt: skip
             if name == args.summary_lease and r["levers"] == args.summary_levers and a:
                 entry = summary.setdefault(r["shape"], {"config": r["levers"], "lease": name})
                 entry.setdefault("step_over_anchor", {})[r["setting"]] = round(step, 3)

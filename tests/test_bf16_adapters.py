@@ -47,4 +47,3 @@ def test_bfloat16_adapters_train_prune_and_two_ranks_follow_one(tmp_path):
     sparsity = [json.loads((run / "summary.json").read_text())["measured_sparsity"] for run, _ in runs.values()]
     assert sparsity[0] == sparsity[1]
     torch.testing.assert_close(torch.tensor(runs[2][1]), torch.tensor(runs[1][1]), rtol=2e-2, atol=0)
-

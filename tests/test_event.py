@@ -395,7 +395,6 @@ def test_ema_shadow_reports_where_a_float32_ema_would_choose_another_mask():
     assert exact_state.shadow is None and "ema_shadow_differs/q" not in runs[torch.float32][2][1].scalars()
 
 
-
 def keep(saved: dict, tensor: torch.Tensor) -> torch.Tensor:
     saved.setdefault(tensor.data_ptr(), tensor)
     return tensor

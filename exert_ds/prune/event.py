@@ -231,9 +231,10 @@ class PruneEvent:
                 new_rows, keep_rows = self.scorer.prune_rows(u_rows, hessian, sparsity, n, m)
                 merged = _from_owners(acc, owned, new_rows.to(u_block.dtype), u_block)  # (rows_held, in)
             else:
+                held_scores = _held(scores[role], valid)  # S: (rows_held, in)
                 if self.state.shadow is not None:  # before _ema, which overwrites the held state
-                    shadow = self._shadow(block, role, _held(scores[role], valid), valid, ema)  # (rows_held, in)
-                mixed = self._ema(block, role, _held(scores[role], valid), valid, ema)  # (rows_held, in)
+                    shadow = self._shadow(block, role, held_scores, valid, ema)  # (rows_held, in)
+                mixed = self._ema(block, role, held_scores, valid, ema)  # (rows_held, in)
                 keep_rows = row_mask(_rows_of(owned, acc.complete_rows(mixed)), sparsity, n, m)  # (rows_owned, in)
                 start_rows = None  # the masked weights the merge starts from, when not M ⊙ U: (rows_owned, in)
                 if cfg.prune.reconstruct == "obs":

@@ -119,8 +119,10 @@ def check_pattern_fits(model: torch.nn.Module, n: int, m: int) -> None:
 
 
 def prune_state(cfg: RunConfig, events_done: int, ema: dict[str, torch.Tensor]) -> PruneState:
-    """The EMA state between events, held in `prune.ema_dtype` (a resumed one comes back in the dtype it was held in)."""
-    return PruneState(events_done=events_done, ema=ema, dtype=getattr(torch, cfg.prune.ema_dtype))
+    """The EMA state between events, held in `prune.ema_dtype` (a resumed one comes back in the dtype it was held in);
+    with `prune.ema_shadow`, an empty float32 twin that the next event starts from the held values."""
+    shadow: dict[str, torch.Tensor] | None = {} if cfg.prune.ema_shadow else None
+    return PruneState(events_done=events_done, ema=ema, dtype=getattr(torch, cfg.prune.ema_dtype), shadow=shadow)
 
 
 def build_session(cfg: RunConfig, with_training_data: bool, adapter: str | None = None) -> Session:
