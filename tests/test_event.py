@@ -418,3 +418,14 @@ def test_adapter_dtype_float32_or_the_models():
         float32_saved[adapter_dtype] = sum(t.numel() for t in saved.values() if t.dtype == torch.float32)
     hidden = tiny_model("llama").config.hidden_size
     assert float32_saved["float32"] - float32_saved["model"] >= 2 * hidden * ids.numel()  # ≥ the q and gate inputs
+
+
+def test_a_resumed_state_keeps_the_ema_shadow_on():
+    """prune.ema_shadow survives a resume: the trainer's rebuilt state has an (empty) float32 twin, which the next
+    event starts from the held values; without the key there is none."""
+    from exert_ds.train.trainer import prune_state
+
+    held = {"0.q": torch.ones(3, dtype=torch.bfloat16)}
+    on = event_config(sparsity=0.5, ema_dtype="bfloat16", ema_shadow=True)
+    assert prune_state(on, 2, held).shadow == {} and prune_state(on, 2, held).dtype == torch.bfloat16
+    assert prune_state(event_config(sparsity=0.5), 2, held).shadow is None

@@ -17,10 +17,18 @@ import deepspeed.comm as dist
 import torch
 from deepspeed.accelerator import get_accelerator
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-from deepspeed.utils import safe_get_local_optimizer_state, safe_set_local_fp32_param, safe_set_local_optimizer_state
+from deepspeed.utils import (
+    safe_get_local_optimizer_state,
+    safe_set_local_fp32_param,
+    safe_set_local_optimizer_state,
+    set_z3_leaf_module,
+    z3_leaf_module,
+)
 from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 
+from exert_ds.errors import ConfigError
+from exert_ds.model.architecture import decoder_layers
 from exert_ds.model.lora import lora_parts
 from exert_ds.runtime.access import ResetPolicy, reset_adam_moments
 from exert_ds.runtime.shard import (
@@ -151,6 +159,24 @@ class Zero3Linear:
 _HELD_BY_EVENT = -1  # an entry of ds_active_sub_modules no module's ds_id can equal
 
 
+def check_leaf_modules(model: nn.Module) -> None:
+    """`zero_optimization.stage3_module_granularity_threshold` lets DeepSpeed fetch a whole subtree as one ZeRO-3 leaf.
+    A prune event calls the embedding and each decoder block on its own, so only whole decoder blocks may be leaves:
+    any other leaf (the whole model, part of a block) is a ConfigError naming it and the range the threshold must lie
+    in (DeepSpeed's `ds_model_granularity`: a module's parameters per submodule)."""
+    blocks = list(decoder_layers(model))
+    block_ids = {id(block) for block in blocks}
+    for name, module in model.named_modules():
+        if z3_leaf_module(module) and id(module) not in block_ids:
+            need = max(getattr(block, "ds_model_granularity", 0) for block in blocks)
+            upper = getattr(module, "ds_model_granularity", None)
+            fix = (f"set it to at least {need} and below {upper}" if upper and upper > need else "leave it out")
+            raise ConfigError(
+                f"zero_optimization.stage3_module_granularity_threshold makes {name or 'the whole model'} a ZeRO-3 leaf "
+                f"module; a prune event calls the decoder blocks one by one, so only they may be leaves: {fix}"
+            )
+
+
 @contextmanager
 def gathered_for_pass(block: nn.Module) -> Iterator[None]:
     """Gather `block`'s parameters once and keep them gathered across the forward calls of one pass.
@@ -159,14 +185,23 @@ def gathered_for_pass(block: nn.Module) -> Iterator[None]:
     release a module's parameters after every call: a pass over 16 calibration micro-batches gathered each weight
     16 times. The hooks release a parameter only when no module is active on it (`ds_active_sub_modules`), so an
     entry of our own holds it until the pass is over; GatheredParameters then partitions it again. Costs one whole
-    block in memory for the pass."""
+    block in memory for the pass.
+
+    A block that ZeRO-3 fetches as one leaf (`stage3_module_granularity_threshold`) is made an ordinary module for the
+    pass: DeepSpeed 0.19.8 releases a leaf's parameters with `free_data=False`, which replaces their data by a 1-element
+    buffer even when another holder keeps them active, so the second call of the pass read a placeholder. As an
+    ordinary module its hooks fetch and release only its own direct parameters (none for a decoder block), and the
+    gathered ones stay as they are."""
     params = list(block.parameters())
+    leaf = z3_leaf_module(block)
     with deepspeed.zero.GatheredParameters(params):
         for param in params:
             param.ds_active_sub_modules.add(_HELD_BY_EVENT)
+        set_z3_leaf_module(block, False)
         try:
             yield
         finally:
+            set_z3_leaf_module(block, leaf)
             for param in params:
                 param.ds_active_sub_modules.discard(_HELD_BY_EVENT)
 

@@ -37,7 +37,7 @@ from exert_ds.prune.pattern import pattern_problem
 from exert_ds.prune.schedule import PlannedEvent, plan_events
 from exert_ds.runtime.dist import init_distributed, launched_world_size
 from exert_ds.runtime.ds_config import load_ds_config
-from exert_ds.runtime.zero3 import Zero3Backend
+from exert_ds.runtime.zero3 import Zero3Backend, check_leaf_modules
 from exert_ds.storage.atomic import SharedWrite, write_errors
 from exert_ds.storage.base_model import base_model_fingerprint
 from exert_ds.storage.checkpoint import (
@@ -203,6 +203,7 @@ def build_engine(cfg: RunConfig, ds_config: dict, adapter: str | None = None) ->
         load_adapter_weights(model, adapter)
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
+    check_leaf_modules(engine.module)
     return engine
 
 
