@@ -197,11 +197,13 @@ def gathered_for_pass(block: nn.Module) -> Iterator[None]:
     with deepspeed.zero.GatheredParameters(params):
         for param in params:
             param.ds_active_sub_modules.add(_HELD_BY_EVENT)
-        set_z3_leaf_module(block, False)
+        if leaf:
+            set_z3_leaf_module(block, False)
         try:
             yield
         finally:
-            set_z3_leaf_module(block, leaf)
+            if leaf:
+                set_z3_leaf_module(block, True)
             for param in params:
                 param.ds_active_sub_modules.discard(_HELD_BY_EVENT)
 
