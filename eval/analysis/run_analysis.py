@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import subprocess
 import sys
 import tarfile
@@ -29,6 +28,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
+sys.path.insert(0, str(REPO / "eval"))
+from job_env import single_process_env  # noqa: E402
+
 QUALITY = REPO / "eval" / "quality"
 RUNS = REPO / "runs" / "analysis"
 BASE = REPO / ".stage" / "smollm2_hf"
@@ -51,32 +53,9 @@ def exert(*args: str) -> list[str]:
     return [sys.executable, "-m", "exert_ds", *args]
 
 
-def env_for(slot: int, gpus: int) -> dict[str, str]:
-    env = {
-        **os.environ,
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(29700 + slot),
-        "RANK": "0",
-        "LOCAL_RANK": "0",
-        "WORLD_SIZE": "1",
-        "OMP_NUM_THREADS": "4",
-        "TOKENIZERS_PARALLELISM": "false",
-        "PYTHONUNBUFFERED": "1",
-        "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-        "NCCL_NVLS_ENABLE": "0",
-    }
-    if gpus:  # slot → one of the GPUs this process may use (CUDA_VISIBLE_DEVICES narrows them, as torch reads it)
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
-        devices = visible.split(",") if visible else [str(i) for i in range(gpus)]
-        env["CUDA_VISIBLE_DEVICES"] = devices[slot % min(gpus, len(devices))]
-    else:
-        env["DS_ACCELERATOR"] = "cpu"
-    return env
-
-
 def run_all(jobs: dict[str, list[str]], gpus: int, logs: Path, deadline: float, record: dict) -> None:
     """Start every job at once (slot i on GPU i % gpus), wait for all or the deadline; record rc and seconds."""
-    started = {name: (subprocess.Popen(cmd, cwd=REPO, env=env_for(i, gpus), stdout=(logs / f"{name}.log").open("w"),
+    started = {name: (subprocess.Popen(cmd, cwd=REPO, env=single_process_env(i, gpus, 4, 29700), stdout=(logs / f"{name}.log").open("w"),
                                        stderr=subprocess.STDOUT), time.monotonic())
                for i, (name, cmd) in enumerate(jobs.items())}  # fmt: skip
     for name, (proc, t0) in started.items():

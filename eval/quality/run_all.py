@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import subprocess
 import sys
 import tarfile
@@ -29,6 +28,9 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 DATA = REPO / ".stage" / "quality_data"
 RUNS = REPO / "runs" / "quality"
+sys.path.insert(0, str(REPO / "eval"))
+from job_env import single_process_env  # noqa: E402
+
 TASKS = {"health": "pubmedqa,medquad_qtype", "legal": "cuad,license_category"}
 ONE_SHOT = {"lora_then_wanda": "wanda", "lora_then_sparsegpt": "sparsegpt", "lora_then_magnitude": "magnitude"}
 TRAINED = {  # method name → the --set that make it (on top of health.yaml / legal.yaml)
@@ -121,32 +123,11 @@ def event_scalars(run_dir: Path) -> dict[str, list[list[float]]]:
     }
 
 
-def job_env(slot: int, args: argparse.Namespace) -> dict[str, str]:
-    env = {
-        **os.environ,
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(29600 + slot),
-        "RANK": "0",
-        "LOCAL_RANK": "0",
-        "WORLD_SIZE": "1",
-        "OMP_NUM_THREADS": str(args.threads),
-        "TOKENIZERS_PARALLELISM": "false",
-        "PYTHONUNBUFFERED": "1",
-        "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-        "NCCL_NVLS_ENABLE": "0",
-    }
-    if args.gpus:
-        env["CUDA_VISIBLE_DEVICES"] = str(slot % args.gpus)
-    else:
-        env["DS_ACCELERATOR"] = "cpu"
-    return env
-
-
 def run_job(job: Job, slot: int, args: argparse.Namespace, logs: Path) -> subprocess.Popen:
     """Train/prune, then evaluate, in one shell so the slot is held until both are done."""
     script = " && ".join(" ".join(f"'{a}'" for a in command) for command in (job.command, eval_command(job, args)))
     log = (logs / f"{job.name}.log").open("w")
-    return subprocess.Popen(["bash", "-c", script], cwd=REPO, env=job_env(slot, args), stdout=log, stderr=log)
+    return subprocess.Popen(["bash", "-c", script], cwd=REPO, env=single_process_env(slot, args.gpus, args.threads, 29600), stdout=log, stderr=log)
 
 
 def main() -> None:
