@@ -111,3 +111,22 @@ def test_table_writes_the_summary_and_plot_from_a_raw_file(tmp_path):
     assert verdict["domain_task_mean"] is True and verdict["loses_domain_task_mean"] is False
     assert (tmp_path / "quality_relative.png").stat().st_size > 1000
     assert "seed means and every seed" in (tmp_path / "quality.md").read_text()
+
+
+def test_merge_raw_keeps_every_cell_later_leases_win_and_lists_the_leases():
+    """eval/quality/merge_raw.py: cells of two leases in one raw document; a cell run again replaces the older one,
+    and table.py's header reads each lease's device, command and seconds."""
+    import merge_raw
+
+    def lease(date: str, gpus: int, cells: dict) -> dict:
+        return {"date": date, "command": f"run {date}", "device": "H200", "gpus": gpus, "jobs_per_gpu": 7,
+                "seconds": 10.0, "seeds": [0], "versions": {}, "cells": cells}  # fmt: skip
+
+    first = lease("d1", 2, {"a-s0": {"seed": 0, "v": 1}, "b-s0": {"seed": 0, "v": 1}})
+    second = lease("d2", 1, {"b-s0": {"seed": 0, "v": 2}, "c-s1": {"seed": 1, "v": 2}})
+    merged = merge_raw.merge([first, second])
+    assert {k: c["v"] for k, c in merged["cells"].items()} == {"a-s0": 1, "b-s0": 2, "c-s1": 2}
+    assert [x["date"] for x in merged["leases"]] == ["d1", "d2"] and merged["seconds"] == 20.0
+    assert merged["seeds"] == [0, 1] and merged["device"] == "H200 × 2 / H200 × 1"
+    again = merge_raw.merge([merged, lease("d3", 1, {})])  # a merged file merges again without losing its leases
+    assert [x["date"] for x in again["leases"]] == ["d1", "d2", "d3"] and len(again["cells"]) == 3
