@@ -18,6 +18,14 @@ from tests.fixtures import run_yaml
 from tests.launch import deepspeed_cpu
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def llama_config() -> LlamaConfig:
+    return LlamaConfig(
+        hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=512, max_position_embeddings=256,
+    )  # fmt: skip
+
 BLOCKS = [f"base_model.model.model.layers.{i}" for i in range(3)]
 
 
@@ -25,10 +33,7 @@ BLOCKS = [f"base_model.model.model.layers.{i}" for i in range(3)]
 @pytest.mark.parametrize("ranks", [1, 2])
 def test_decoder_blocks_as_zero3_leaves_change_nothing(tmp_path, ranks):
     config_dir = tmp_path / "config"
-    LlamaConfig(
-        hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=512, max_position_embeddings=256,
-    ).save_pretrained(config_dir)  # fmt: skip
+    llama_config().save_pretrained(config_dir)
     runs = {}
     for threshold in (0, 1600):  # 1600: above a block's parameters per module, below the whole model's
         out = tmp_path / f"t{threshold}.json"

@@ -166,8 +166,9 @@ def energy_command(args: argparse.Namespace) -> list[Path] | None:
     runtime = open_model(ModelConfig(name_or_path=args.model, dtype=args.dtype), args.deepspeed)
     try:
         if runtime.zero3:
-            from exert_ds.runtime.zero3 import Zero3Backend
+            from exert_ds.runtime.zero3 import Zero3Backend, check_leaf_modules
 
+            check_leaf_modules(runtime.model)  # the energy pass calls the blocks one by one, as an event does
             backend = Zero3Backend()
         else:
             backend = DenseBackend()

@@ -160,17 +160,27 @@ _HELD_BY_EVENT = -1  # an entry of ds_active_sub_modules no module's ds_id can e
 
 
 def check_leaf_modules(model: nn.Module) -> None:
-    """`zero_optimization.stage3_module_granularity_threshold` lets DeepSpeed fetch a whole subtree as one ZeRO-3 leaf.
-    A prune event calls the embedding and each decoder block on its own, so only whole decoder blocks may be leaves:
-    any other leaf (the whole model, part of a block) is a ConfigError naming it and the range the threshold must lie
-    in (DeepSpeed's `ds_model_granularity`: a module's parameters per submodule)."""
+    """With `zero_optimization.stage3_module_granularity_threshold`, DeepSpeed fetches whole subtrees as ZeRO-3 leaves
+    and releases them with `free_data=False`. A prune event (and `exert-ds analyze energy`) calls the embedding and
+    each decoder block on its own, so then only whole decoder blocks may be leaves: any other leaf (the whole model,
+    part of a block) is a ConfigError naming it and the range the threshold must lie in. DeepSpeed's
+    `ds_model_granularity` (a module's parameters per submodule, set on every module only when the threshold is) gives
+    the range: at least the blocks' largest, below the smallest of the modules that contain a block. Leaves from
+    `zero_optimization.leaf_module` alone (no threshold) are released normally and are left as they are."""
+    if not hasattr(model, "ds_model_granularity"):
+        return
+    names = {id(module): name for name, module in model.named_modules()}
     blocks = list(decoder_layers(model))
-    block_ids = {id(block) for block in blocks}
+    block_names = [names[id(block)] for block in blocks]
+    need = max(block.ds_model_granularity for block in blocks)
+    upper = min(
+        module.ds_model_granularity
+        for name, module in model.named_modules()
+        if name not in block_names and any(b.startswith(f"{name}.") or not name for b in block_names)
+    )
     for name, module in model.named_modules():
-        if z3_leaf_module(module) and id(module) not in block_ids:
-            need = max(getattr(block, "ds_model_granularity", 0) for block in blocks)
-            upper = getattr(module, "ds_model_granularity", None)
-            fix = (f"set it to at least {need} and below {upper}" if upper and upper > need else "leave it out")
+        if z3_leaf_module(module) and name not in block_names:
+            fix = f"set it to at least {need} and below {upper}" if need < upper else "leave it out"
             raise ConfigError(
                 f"zero_optimization.stage3_module_granularity_threshold makes {name or 'the whole model'} a ZeRO-3 leaf "
                 f"module; a prune event calls the decoder blocks one by one, so only they may be leaves: {fix}"
