@@ -161,8 +161,13 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet_other_ranks(launched_rank())
     try:
-        return run_command(args, rest)
+        code = run_command(args, rest)
     except ConfigError as err:  # bad input: one line, same on every rank
         message = " ".join(str(err).split())
         print(f"exert-ds: error: {message}", file=sys.stderr)
         return 2
+    if code == 0:  # every file written and closed: skip the interpreter teardown that could abort a launched rank
+        from exert_ds.runtime.dist import exit_launched_rank
+
+        exit_launched_rank(0)
+    return code

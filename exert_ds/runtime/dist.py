@@ -97,6 +97,23 @@ def shutdown_distributed() -> None:
         torch.distributed.destroy_process_group()
 
 
+def exit_launched_rank(code: int) -> None:
+    """Under a launcher (more than one rank), end this finished rank now with `code`: logs and stdio flushed, the
+    interpreter's finalization skipped. A rank whose work and `shutdown_distributed` were complete still aborted, now
+    and then, while Python tore down gloo's worker threads ("terminate called without an active exception", return
+    code -6: pytorch/pytorch#190489; the atexit fix pytorch/pytorch#179291 was abandoned), and the launcher then
+    reported the whole run as failed. Call it only after every file is written and closed. One process (tests
+    calling `cli.main`) returns normally."""
+    if launched_world_size() <= 1:
+        return
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def remove_deepspeed_shm_buffer(rank: int) -> None:
     """DeepSpeed's CPU shared-memory all-reduce (op deepspeed_shm_comm, deepspeed 0.19.8) creates
     /dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank> (69 MB) and never unlinks it; a
