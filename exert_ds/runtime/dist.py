@@ -102,7 +102,8 @@ def exit_launched_rank(code: int) -> None:
     interpreter's finalization skipped. A rank whose work and `shutdown_distributed` were complete still aborted, now
     and then, while Python tore down gloo's worker threads ("terminate called without an active exception", return
     code -6: pytorch/pytorch#190489; the atexit fix pytorch/pytorch#179291 was abandoned), and the launcher then
-    reported the whole run as failed. Call it only after every file is written and closed. One process (tests
+    reported the whole run as failed. Call it only after every file is written and closed. MPI, when mpirun's
+    discovery started it, is finalised first (mpirun counts a rank that skips it as failed). One process (tests
     calling `cli.main`) returns normally."""
     if launched_world_size() <= 1:
         return
@@ -111,6 +112,9 @@ def exit_launched_rank(code: int) -> None:
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
+    mpi = sys.modules.get("mpi4py.MPI")  # mpirun discovery (DeepSpeed's mpi4py path) initialised MPI: finalise it,
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():  # as mpi4py's own atexit hook would
+        mpi.Finalize()
     os._exit(code)
 
 
