@@ -299,12 +299,8 @@ class Bench:
         self.results.add({"phase": "event_tf32", "pbs_matmul_precision": "high", **record, **memory_record()})
 
     def profile(self) -> None:
-        args = self.args
-        set_gradient_checkpointing(self.engine, args.grad_ckpt)
-        batch = random_batches(self.vocab, args.micro_batch, args.seq, 1, args.seed + 2)[0]
-        self.engine.train()
-        step_tables = profile_tables(lambda: train_micro_step(self.engine, batch))
-        self.results.add({"phase": "profile", "what": "one training step", "tables": step_tables})
+        """torch.profiler tables of one training step and of one prune event (PBS, EMA)."""
+        self.profile_step()
         event_tables = profile_tables(self.one_more_event)
         self.results.add({"phase": "profile", "what": "one prune event (PBS, EMA)", "tables": event_tables})
 

@@ -95,6 +95,15 @@ def _held(block: Tensor, valid: Tensor | None) -> Tensor:
     return block if valid is None else torch.where(valid, block, torch.zeros_like(block))
 
 
+def _unheld(mixed: Tensor, scores: Tensor, valid: Tensor | None) -> Tensor:
+    """The held elements' values `mixed` (elements held,) back in the block's shape (rows_held, in), zero elsewhere."""
+    if valid is None:
+        return mixed
+    out = torch.zeros_like(scores, dtype=mixed.dtype)
+    out[valid] = mixed
+    return out
+
+
 def _rows_of(owned: Tensor | None, block: Tensor) -> Tensor:
     return block if owned is None else block[owned]
 
@@ -264,11 +273,7 @@ class PruneEvent:
         held = scores if valid is None else scores[valid]  # (elements held,)
         mixed = ema_scores(held, self.state.ema.get(key) if ema else None, self.cfg.prune.ema_eta)
         self._remember(key, mixed)
-        if valid is None:
-            return mixed
-        out = torch.zeros_like(scores)
-        out[valid] = mixed
-        return out
+        return _unheld(mixed, scores, valid)
 
     def _shadow(self, block: int, role: str, scores: Tensor, valid: Tensor | None, ema: bool) -> Tensor:
         """prune.ema_shadow: `_ema` with the previous scores held in float32 (the state's float32 twin); a shadow
@@ -279,11 +284,7 @@ class PruneEvent:
         previous = self.state.shadow.get(key, self.state.ema.get(key)) if ema else None
         mixed = ema_scores(held, previous, self.cfg.prune.ema_eta).float()
         self.state.shadow[key] = mixed.to("cpu", copy=True)
-        if valid is None:
-            return mixed
-        out = torch.zeros_like(scores, dtype=mixed.dtype)
-        out[valid] = mixed
-        return out
+        return _unheld(mixed, scores, valid)
 
     def _remember(self, key: str, mixed: Tensor) -> None:
         """Keep `mixed` as the EMA of `key` in host memory in the state's dtype (rounded to nearest), written over the
