@@ -173,6 +173,9 @@ class PruneConfig:
     ema_dtype: EmaDtype = DEFAULT_EMA_DTYPE  # the EMA score state between events, as held and as checkpointed
     ema_shadow: bool = False  # diagnostic (issue 18): also hold a float32 EMA (never checkpointed) and report, per
     # event, the share of held mask entries that a mask chosen from it would set otherwise (ema_shadow_differs/ROLE)
+    # K optimizer steps after the final event with the adapter's product masked to the kept entries (§8 c,
+    # prune/recovery.py), then a merge that keeps exactly the final mask; 0: none
+    recovery_steps: Annotated[int, Bounds(ge=0)] = 0
 
 
 @dataclass
@@ -236,6 +239,8 @@ class RunConfig:
             fields["train"].pop(key)
         if fields["prune"]["ema_dtype"] == "float32":  # as checkpoints of format 3 held it: they still resume
             fields["prune"].pop("ema_dtype")
+        if not fields["prune"]["recovery_steps"]:  # the key's default: checkpoints written before it still resume
+            fields["prune"].pop("recovery_steps")
         blob = json.dumps(fields, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -372,6 +377,11 @@ def _check_pruning(cfg: RunConfig) -> None:
         not (p.ema_shadow and (p.ema_dtype != "bfloat16" or scorer_registry()[p.scorer].updates_weights)),
         "config key 'prune.ema_shadow' compares a bfloat16 EMA with a float32 one: set 'prune.ema_dtype: bfloat16' "
         "and a scorer that keeps an EMA (not one that updates the weights), or drop ema_shadow",
+    )
+    _check(
+        not (p.recovery_steps and not p.enabled),
+        "config key 'prune.recovery_steps' recovers after the final mask, but 'prune.enabled' is false: set "
+        "prune.recovery_steps: 0 or enable pruning",
     )
     _check(
         not (cfg.pbs.at_final and cfg.pbs.mode == "off"),

@@ -54,6 +54,8 @@ BAD = [
     ({"prune": {"every_steps": 0}}, "'prune.every_steps' must be > 0"),
     ({"prune": {"every_steps": "often"}}, "'prune.every_steps' must be int, got str 'often'"),  # int | None
     ({"prune": {"start_step": -1}}, "'prune.start_step' must be >= 0"),
+    ({"prune": {"recovery_steps": -3}}, "'prune.recovery_steps' must be >= 0"),
+    ({"prune": {"enabled": False, "recovery_steps": 4}}, "'prune.recovery_steps' recovers after the final mask"),
     ({"prune": {"enabled": "yes"}}, "'prune.enabled' must be bool"),
     ({"pbs": {"reg": -1.0}}, "'pbs.reg' must be >= 0"),
     ({"pbs": {"keep_weight": 2.0}}, "'pbs.keep_weight' must be in [0, 1]"),

@@ -16,5 +16,5 @@ echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  /root/m/
 [ -d /root/m/hf ] || python3 eval/quality/stage_model.py /root/m/smollm2.gguf /root/m/hf 2>&1 | tail -2
 mkdir -p .stage && ln -sfn /root/m/hf .stage/smollm2_hf && ln -sfn /root/m/quality_data .stage/quality_data
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 eval/quality/run_all.py --out "$OUT" --gpus 2 --per-gpu "${PER_GPU:-7}" --deadline-s "${DEADLINE:-420}" ${RUN_ARGS:-}
+python3 eval/quality/run_all.py --out "$OUT" --gpus "${GPUS:-2}" --per-gpu "${PER_GPU:-7}" --deadline-s "${DEADLINE:-420}" ${RUN_ARGS:-}
 python3 eval/quality/table.py "$OUT/quality_raw.json" --out "$OUT/quality"

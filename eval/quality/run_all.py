@@ -32,7 +32,13 @@ sys.path.insert(0, str(REPO / "eval"))
 from job_env import single_process_env  # noqa: E402
 
 TASKS = {"health": "pubmedqa,medquad_qtype", "legal": "cuad,license_category"}
-ONE_SHOT = {"lora_then_wanda": "wanda", "lora_then_sparsegpt": "sparsegpt", "lora_then_magnitude": "magnitude"}
+RECOVERY = "prune.recovery_steps=60"  # §8 c: one more epoch (60 steps in each domain) after the final mask
+ONE_SHOT = {  # method name → the --set of the one-shot prune of the dense LoRA expert
+    "lora_then_wanda": ["prune.scorer=wanda"],
+    "lora_then_sparsegpt": ["prune.scorer=sparsegpt"],
+    "lora_then_magnitude": ["prune.scorer=magnitude"],
+    "lora_then_sparsegpt_recovery": ["prune.scorer=sparsegpt", RECOVERY],  # the same masked recovery as below
+}
 TRAINED = {  # method name → the --set that make it (on top of health.yaml / legal.yaml)
     "foresight_pbs_hessian": ["pbs.mode=hessian"],  # the paper's EfficientXpert settings
     "foresight_pbs_reference": ["pbs.mode=reference"],
@@ -40,6 +46,7 @@ TRAINED = {  # method name → the --set that make it (on top of health.yaml / l
     "foresight_pbs_obs_final": ["pbs.mode=hessian", "prune.reconstruct=obs", "pbs.at_final=true"],  # §8 a + b
     # issue 18.1; the float32 shadow only counts the mask entries it would set otherwise (training is unchanged)
     "foresight_pbs_hessian_ema_bf16": ["pbs.mode=hessian", "prune.ema_dtype=bfloat16", "prune.ema_shadow=true"],
+    "foresight_pbs_obs_final_recovery": ["pbs.mode=hessian", "prune.reconstruct=obs", "pbs.at_final=true", RECOVERY],
 }
 DEFAULT_METHODS = ("dense_lora", *TRAINED, *ONE_SHOT)
 
@@ -79,7 +86,7 @@ def jobs_for(domain: str, seed: int, sparsities: list[float], methods: list[str]
             name = f"{domain}-{method}-{sparsity}-s{seed}"
             sets = [
                 f"model.name_or_path={RUNS / dense / 'final'}",
-                f"prune.scorer={ONE_SHOT[method]}",
+                *ONE_SHOT[method],
                 f"prune.sparsity={sparsity}",
                 "pbs.mode=off",
             ]
@@ -162,7 +169,10 @@ def main() -> None:
         for job in queue:  # a dependency left out of --only is satisfied by its earlier output
             if job.needs not in {j.name for j in queue} and (RUNS / str(job.needs) / "final").is_dir():
                 job.needs = None
-    queue.sort(key=lambda j: (j.sparsity not in (0.0, sparsities[0]), j.needs is not None))  # the first sparsity first
+    # priority: dense LoRA, then --methods in the order given, each at --sparsities in the order given (a one-shot
+    # cell waits for its dense LoRA and leaves its slot to the next cell that can start)
+    order = {**{m: i for i, m in enumerate(methods)}, "dense_lora": -1}
+    queue.sort(key=lambda j: (order[j.method], j.sparsity not in (0.0, sparsities[0]), j.seed))
     slots = max(1, args.gpus) * args.per_gpu
     running: dict[int, tuple[Job, subprocess.Popen, float]] = {}
     done: dict[str, Job] = {}
@@ -172,8 +182,10 @@ def main() -> None:
                 continue
             del running[slot]
             job.result = {"returncode": proc.returncode, "seconds": round(time.monotonic() - t0, 1)}
+            collect(job)
             done[job.name] = job
             print(f"[{time.monotonic() - started:6.0f}s] {job.name}: rc={proc.returncode}", flush=True)
+            write_raw(args, done, logs, time.monotonic() - started)  # every finished cell is kept, whatever follows
         if time.monotonic() - started > args.deadline_s:
             for job, proc, _ in running.values():
                 proc.kill()
@@ -201,19 +213,22 @@ def main() -> None:
     write_raw(args, done, logs, time.monotonic() - started)
 
 
+def collect(job: Job) -> None:
+    """Add a finished job's evaluation and event scalars to its result (once, when it ends)."""
+    evaluation = job.model_dir / "eval.json"
+    if job.result.get("returncode") == 0 and evaluation.is_file():
+        job.result["eval"] = json.loads(evaluation.read_text())
+        job.result["events"] = event_scalars(job.model_dir)
+
+
 def write_raw(args: argparse.Namespace, done: dict[str, Job], logs: Path, seconds: float) -> None:
     import torch
     import transformers
 
     cells = {}
     for name, job in done.items():
-        result = dict(job.result)
-        evaluation = job.model_dir / "eval.json"
-        if result.get("returncode") == 0 and evaluation.is_file():
-            result["eval"] = json.loads(evaluation.read_text())
-            result["events"] = event_scalars(job.model_dir)
-        result.update(domain=job.domain, method=job.method, sparsity=job.sparsity, seed=job.seed, command=job.command)
-        cells[name] = result
+        result = {**job.result, "domain": job.domain, "method": job.method, "sparsity": job.sparsity}
+        cells[name] = {**result, "seed": job.seed, "command": job.command}
     raw = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),

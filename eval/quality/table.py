@@ -34,14 +34,20 @@ METHOD_ORDER = (
     "foresight_pbs_hessian",
     "foresight_pbs_obs_final",
     "foresight_pbs_hessian_ema_bf16",
+    "foresight_pbs_obs_final_recovery",
     "foresight_pbs_reference",
     "foresight_alone",
     "lora_then_wanda",
     "lora_then_sparsegpt",
+    "lora_then_sparsegpt_recovery",
     "lora_then_magnitude",
 )
 DEFAULT = "foresight_pbs_hessian"  # the configuration the README calls the default
-BASELINES = {"sparsegpt": "lora_then_sparsegpt", "wanda": "lora_then_wanda"}
+BASELINES = {
+    "sparsegpt": "lora_then_sparsegpt",
+    "wanda": "lora_then_wanda",
+    "sparsegpt_recovery": "lora_then_sparsegpt_recovery",  # with the same masked recovery (§8 c) as the trained one
+}
 
 
 def by_seed(raw: dict, domain: str, method: str, sparsity: float) -> dict[int, dict]:

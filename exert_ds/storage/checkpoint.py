@@ -103,7 +103,6 @@ __all__ = [
 ]
 
 
-
 @dataclass(frozen=True)
 class TrainPosition:
     """Where training stands: optimizer steps done, and micro-batches consumed in the current epoch."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -34,6 +35,7 @@ from exert_ds.model.loading import load_model, load_tokenizer
 from exert_ds.model.lora import attach_lora
 from exert_ds.prune.event import EventReport, PruneEvent, PruneState
 from exert_ds.prune.pattern import pattern_problem
+from exert_ds.prune.recovery import mask_adapters, merge_masked
 from exert_ds.prune.schedule import PlannedEvent, plan_events
 from exert_ds.runtime.dist import init_distributed, launched_world_size
 from exert_ds.runtime.ds_config import load_ds_config
@@ -350,17 +352,22 @@ def finish(session: Session, dense_ppl: float | None, pruned: bool) -> Path | No
     return out
 
 
-def train(cfg: RunConfig, resume: str | None = None) -> Path | None:
+def train(cfg: RunConfig, resume: str | None = None, adapter: str | None = None, one_shot: bool = False) -> Path | None:
     """The EfficientXpert run: LoRA training with prune events; writes the merged sparse expert.
     Checkpoints every `train.save_every_steps`, after every event and at the end; `resume` continues one.
 
     An epoch is ⌊examples / train_batch_size⌋ whole optimizer steps over the seeded order of the examples; the
     examples left over (fewer than one global batch) are dropped every epoch, like DataLoader's drop_last, so no
-    optimizer step straddles two epochs and every event and checkpoint falls on an accumulation boundary."""
+    optimizer step straddles two epochs and every event and checkpoint falls on an accumulation boundary.
+
+    With `prune.recovery_steps` K, the final event runs before step T (the training steps) and K more steps follow
+    with the adapter masked to the kept weights (prune/recovery.py), continuing over the data's next epochs; then
+    the masked merge. `one_shot` (exert-ds prune with recovery): T = 0 and the one event is the one-shot prune of
+    `prune.scorer` on the model with `adapter` loaded."""
     root = Path(cfg.train.output_dir) / "checkpoints"
     base_model = base_model_fingerprint(cfg.model)  # None for a hub model not downloaded yet
     found = resolve_resume(root, resume, cfg.fingerprint(), base_model) if resume else None  # before any group
-    session = build_session(cfg, with_training_data=True)
+    session = build_session(cfg, with_training_data=True, adapter=adapter)
     base_model = base_model or base_model_fingerprint(cfg.model)
     engine, loader, logger = session.engine, session.loader, session.logger
     position = TrainPosition()
@@ -373,12 +380,22 @@ def train(cfg: RunConfig, resume: str | None = None) -> Path | None:
     accumulation = engine.gradient_accumulation_steps()
     steps_per_epoch, leftover = divmod(len(loader), accumulation)
     assert not leftover, f"{len(loader)} micro-batches per epoch are not whole steps of {accumulation}"
-    total = min(cfg.train.max_steps or steps_per_epoch * cfg.train.epochs, steps_per_epoch * cfg.train.epochs)
-    plan = plan_events(cfg.prune, total, steps_per_epoch, cfg.pbs.at_final)
+    recovery = cfg.prune.recovery_steps
+    if one_shot:
+        total = 0
+        plan = [PlannedEvent(0, cfg.prune.sparsity, pbs=cfg.pbs.mode != "off", ema=False, final=True)]
+    else:
+        total = min(cfg.train.max_steps or steps_per_epoch * cfg.train.epochs, steps_per_epoch * cfg.train.epochs)
+        plan = plan_events(cfg.prune, total, steps_per_epoch, cfg.pbs.at_final)
+    end = total + recovery
+    epochs = (0 if one_shot else cfg.train.epochs) + math.ceil(recovery / steps_per_epoch)  # data epochs opened
     logger.line(
         f"training {total} steps ({steps_per_epoch} per epoch), prune events before steps {[e.step for e in plan]}"
+        + (f", then {recovery} recovery steps with the adapter masked to the kept weights" if recovery else "")
     )
     plan = plan[position.events_done :]
+    if recovery and not plan:  # resumed after the final event
+        mask_adapters(engine.module)
 
     def checkpoint(epoch: int, micro: int) -> None:
         nonlocal position
@@ -389,18 +406,21 @@ def train(cfg: RunConfig, resume: str | None = None) -> Path | None:
         )
 
     step, tokens, started, losses = position.step, 0, time.perf_counter(), []
-    bar = tqdm(total=total, initial=step, desc="train", disable=dist.get_rank() != 0)
+    bar = tqdm(total=end, initial=step, desc="train", disable=dist.get_rank() != 0)
     engine.train()
-    for epoch in range(position.epoch, cfg.train.epochs):
+    for epoch in range(position.epoch, epochs):
         session.sampler.set_epoch(epoch)
         for micro, batch in enumerate(loader):
-            if step >= total:
+            if step >= end:
                 break
             if epoch == position.epoch and micro < position.micro:
                 continue  # consumed before the checkpoint we resumed from
             if micro % accumulation == 0:
                 while plan and plan[0].step == step:
-                    run_event(session, plan.pop(0), step)
+                    planned = plan.pop(0)
+                    run_event(session, planned, step)
+                    if planned.final and recovery:
+                        mask_adapters(engine.module)
                     checkpoint(epoch, micro)
                     engine.train()
             tokens += int(batch["attention_mask"].sum())  # counted on the host copy: no device sync
@@ -409,7 +429,7 @@ def train(cfg: RunConfig, resume: str | None = None) -> Path | None:
                 continue
             step += 1
             bar.update(1)
-            if step % cfg.train.log_every == 0 or step == total:
+            if step % cfg.train.log_every == 0 or step == end:
                 _log_step(session, step, losses, tokens, started)
                 losses, tokens, started = [], 0, time.perf_counter()
             if cfg.train.save_every_steps and step % cfg.train.save_every_steps == 0:
@@ -417,11 +437,14 @@ def train(cfg: RunConfig, resume: str | None = None) -> Path | None:
     bar.close()
     for planned in plan:  # the final event (and any planned at the very end)
         run_event(session, planned, step)
+    if recovery:
+        merge_masked(engine.module, Zero3Backend())
+        logger.line(f"merged the adapter of {recovery} recovery steps into the kept weights (mask unchanged)")
     if not cfg.prune.enabled:  # dense LoRA: merge only (an event at sparsity 0)
         session.events.run(session.calibration, 0.0, pbs=False, ema=False, progress=False)
         if session.adapter_writer is not None:
             session.adapter_writer.write()
-    checkpoint(cfg.train.epochs, 0)
+    checkpoint(epochs, 0)
     wait_for_checkpoint()  # the last write is complete (or its failure raised) before the expert is written
     return finish(session, position.dense_perplexity, pruned=cfg.prune.enabled)
 
@@ -450,7 +473,10 @@ def _log_step(session: Session, step: int, losses: list[torch.Tensor], tokens: i
 
 
 def prune_once(cfg: RunConfig, adapter: str | None = None) -> Path | None:
-    """One-shot prune event (any scorer) on a dense model, with or without a trained adapter, then save."""
+    """One-shot prune event (any scorer) on a dense model, with or without a trained adapter, then save. With
+    `prune.recovery_steps`, the masked recovery follows on data.train, as `train` runs it (checkpoints included)."""
+    if cfg.prune.recovery_steps:
+        return train(cfg, adapter=adapter, one_shot=True)
     session = build_session(cfg, with_training_data=False, adapter=adapter)
     planned = PlannedEvent(step=0, sparsity=cfg.prune.sparsity, pbs=cfg.pbs.mode != "off", ema=False, final=True)
     dense_ppl = held_out_perplexity(session)
