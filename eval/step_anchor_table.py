@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("lease", nargs="+", help="NAME=DIR[,DIR...]")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--summary", type=Path, required=True)
-    parser.add_argument("--summary-lease", required=True)
+    parser.add_argument("--summary-lease", required=True, help="LEASE[,LEASE...]: per shape, the first that measured it")
     parser.add_argument("--summary-levers", required=True, help="the levers label of the runs the summary reports")
     parser.add_argument("--summary-note", default="")
     parser.add_argument("--analysis", type=Path, default=None, help="a hand-written reading appended to --out")
@@ -149,6 +149,8 @@ def main(argv: list[str] | None = None) -> dict:
         "",
     ]
     summary: dict = {}
+    preferred = args.summary_lease.split(",")  # per shape, the first of these leases that measured it
+    candidates: dict[tuple[str, str], dict] = {}
     for spec in args.lease:
         name, _, dirs = spec.partition("=")
         anchors, runs = read_lease([Path(d) for d in dirs.split(",")])
@@ -170,8 +172,8 @@ def main(argv: list[str] | None = None) -> dict:
             lines.append(f"| {r['shape']} | {r['levers']} | {r['setting']} | {r['step_s']:.3f} | {fmt(step, '.2f')}{'×' if step else ''} | "
                          f"{fmt(r['peak_gib'], '.1f')} | {fmt(mem, '.2f')}{'×' if mem else ''} | {fmt(r['mfu'], '.1%')} | "
                          f"{Path(r['file']).name} |")  # fmt: skip
-            if name == args.summary_lease and r["levers"] == args.summary_levers and a:
-                entry = summary.setdefault(r["shape"], {"config": r["levers"], "lease": name})
+            if name in preferred and r["levers"] == args.summary_levers and a:
+                entry = candidates.setdefault((r["shape"], name), {"config": r["levers"], "lease": name})
                 entry.setdefault("step_over_anchor", {})[r["setting"]] = round(step, 3)
                 entry.setdefault("memory_over_anchor", {})[r["setting"]] = mem and round(mem, 3)
         for folder in dirs.split(","):
@@ -197,6 +199,9 @@ def main(argv: list[str] | None = None) -> dict:
                         "ratio": round(e["seconds"] / e["anchor_forward_s"], 2), "lease": name, "config": e["levers"],
                         "pbs_products": "TF32"}  # fmt: skip
         lines.append("")
+    for shape in sorted({shape for shape, _ in candidates}):
+        lease = next(name for name in preferred if (shape, name) in candidates)
+        summary[shape] = candidates[shape, lease]
     for shape in ("7b", "8b"):
         if shape in summary and shape in summary.get("event_over_anchor_forward", {}):
             summary[shape]["event_over_anchor_forward"] = summary["event_over_anchor_forward"][shape]
