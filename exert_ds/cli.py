@@ -19,7 +19,10 @@ DESCRIPTION = (
     "commands with a launcher: deepspeed, torchrun, mpirun or srun (see launch/)."
 )
 TRAIN_HELP = "LoRA fine-tuning under ZeRO-3 with the EfficientXpert prune schedule; writes the sparse expert"
-PRUNE_HELP = "one-shot prune event (foresight, wanda, magnitude, sparsegpt) on a dense model"
+PRUNE_HELP = (
+    "one-shot prune event (foresight, wanda, magnitude, sparsegpt) on a dense model; with prune.recovery_steps K, "
+    "then K LoRA steps on data.train masked to the kept weights"
+)
 EVAL_HELP = "labelled tasks, held-out perplexity and the sparsity report of a model, as one results JSON"
 EXPORT_HELP = (
     "stream a sparse expert into a Hugging Face directory (safetensors shards + index, config, tokenizer) that "

@@ -174,7 +174,8 @@ class PruneConfig:
     ema_shadow: bool = False  # diagnostic (issue 18): also hold a float32 EMA (never checkpointed) and report, per
     # event, the share of held mask entries that a mask chosen from it would set otherwise (ema_shadow_differs/ROLE)
     # K optimizer steps after the final event with the adapter's product masked to the kept entries (§8 c,
-    # prune/recovery.py), then a merge that keeps exactly the final mask; 0: none
+    # prune/recovery.py), then a merge that keeps exactly the final mask; 0: none. Each adapted linear forms its dense
+    # out × in product for these steps: with a large model, set train.gradient_checkpointing
     recovery_steps: Annotated[int, Bounds(ge=0)] = 0
 
 
@@ -192,7 +193,8 @@ class PBSConfig:
 @dataclass
 class TrainConfig:
     epochs: Positive = 2
-    max_steps: Positive | None = None  # cap on optimizer steps (None: epochs × steps per epoch)
+    max_steps: Positive | None = None  # cap on the optimizer steps before the final event (None: epochs × steps per
+    # epoch); prune.recovery_steps come after it
     seed: int = 0
     output_dir: str = "runs/exert"
     log_every: Positive = 10
@@ -382,6 +384,11 @@ def _check_pruning(cfg: RunConfig) -> None:
         not (p.recovery_steps and not p.enabled),
         "config key 'prune.recovery_steps' recovers after the final mask, but 'prune.enabled' is false: set "
         "prune.recovery_steps: 0 or enable pruning",
+    )
+    _check(
+        not (p.recovery_steps and (cfg.lora.get("use_dora") or cfg.lora.get("lora_bias"))),
+        "config key 'prune.recovery_steps' masks plain LoRA's product B·A only: drop lora.use_dora / lora.lora_bias, "
+        "or set prune.recovery_steps: 0",
     )
     _check(
         not (cfg.pbs.at_final and cfg.pbs.mode == "off"),

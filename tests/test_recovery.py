@@ -12,7 +12,7 @@ from peft.tuners.lora import LoraLayer
 from exert_ds.errors import ConfigError
 from exert_ds.model.lora import lora_parts
 from exert_ds.prune.event import run_prune_event
-from exert_ds.prune.recovery import mask_adapters, merge_masked
+from exert_ds.prune.recovery import mask_adapters, merge_masked, unmask_adapters
 from exert_ds.runtime.access import DenseBackend
 from tests.tiny_models import calibration_ids, event_config, tiny_lora_model
 
@@ -64,16 +64,20 @@ def test_recovery_steps_then_merge_keep_every_zero_and_the_trained_function():
         trained = model(input_ids=ids).logits
         merge_masked(model, DenseBackend())
         merged = model(input_ids=ids).logits
+        unmask_adapters(model)  # PEFT's own forward again: with B = 0 it computes the same
+        peft = model(input_ids=ids).logits
+    assert all("forward" not in vars(layer) for layer in lora_layers(model))
     for layer in lora_layers(model):
         weight, _, b, _ = lora_parts(layer)
         assert torch.equal(weight == 0, zeros[id(layer)])  # the final mask, exactly: nothing written where pruned
         assert not b.any()
     torch.testing.assert_close(merged, trained, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(peft, merged, rtol=0, atol=0)
 
 
 def test_a_lora_variant_is_refused_in_one_line():
     model = tiny_lora_model("llama-odd", r=4, seed=0)
     lora_layers(model)[0].lora_variant["default"] = object()  # as PEFT marks a DoRA adapter
-    with pytest.raises(ConfigError, match="masks plain LoRA only") as err:
+    with pytest.raises(ConfigError, match="masks plain LoRA.s product B·A only") as err:
         mask_adapters(model)
     assert "\n" not in str(err.value)

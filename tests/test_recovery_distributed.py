@@ -63,7 +63,15 @@ def test_training_with_recovery_two_ranks_equal_one_and_resume_inside_it(tmp_pat
     assert "prune events before steps [2, 4], then 3 recovery steps" in outputs[2]
     assert len(loss_lines(outputs[2])) == 7  # 4 training steps, then 3 masked ones
     assert_exact_zeros_and_close(runs[2], runs[1], 0.5)
-    # the expert's mask is the final event's: every zero written by the event after step 4 is still there
+    # the same run without recovery ends at the final event: the recovery kept that event's mask exactly and moved
+    # the kept weights
+    (tmp_path / "none").mkdir()
+    config = recovery_yaml(tmp_path / "none", prune={"sparsity": 0.5, "every_steps": 2}, train={"max_steps": 4})
+    assert loss_lines(deepspeed_cpu(train_args(config), ranks=2).stdout) == loss_lines(outputs[2])[:4]
+    at_event = pruned_matrices(load_file(tmp_path / "none" / "run" / "final" / "model.safetensors"))
+    for name, w in runs[2].items():
+        assert torch.equal(w == 0, at_event[name] == 0), name
+        assert float((w - at_event[name]).norm() / at_event[name].norm()) > 1e-4, name
     root = tmp_path / "r2" / "run" / "checkpoints"
     names = sorted(p.name for p in root.glob("step-*"))
     assert names[-1] == "step-00000007-event-002", names

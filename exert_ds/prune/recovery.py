@@ -24,6 +24,7 @@ import types
 import deepspeed
 import torch
 import torch.nn.functional as F
+from deepspeed.runtime.zero.partition_parameters import unregister_external_parameter
 from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 
@@ -44,7 +45,7 @@ def _masked_forward(self: LoraLayer, x: Tensor, *args: object, **kwargs: object)
     result = self.base_layer(x, *args, **kwargs)
     delta = masked_adapter_delta(self)
     dropped = self.lora_dropout[self.active_adapters[0]](x)
-    return result + F.linear(dropped.to(delta.dtype), delta).to(result.dtype)
+    return (result + F.linear(dropped.to(delta.dtype), delta)).to(result.dtype)  # summed as PEFT sums, then cast
 
 
 def mask_adapters(model: nn.Module) -> int:
@@ -57,8 +58,8 @@ def mask_adapters(model: nn.Module) -> int:
         name = layer.active_adapters[0]
         if len(layer.active_adapters) != 1 or name in layer.lora_variant or layer.lora_bias.get(name):
             raise ConfigError(
-                "config key 'prune.recovery_steps' masks plain LoRA only: drop lora.use_dora / lora.lora_bias, or set "
-                "prune.recovery_steps: 0"
+                "config key 'prune.recovery_steps' masks plain LoRA's product B·A only: drop lora.use_dora / "
+                "lora.lora_bias, or set prune.recovery_steps: 0"
             )
         if getattr(layer.forward, "__func__", None) is _masked_forward:
             continue
@@ -68,6 +69,18 @@ def mask_adapters(model: nn.Module) -> int:
                 deepspeed.zero.register_external_parameter(layer, param)
         layer.forward = types.MethodType(_masked_forward, layer)
     return len(layers)
+
+
+def unmask_adapters(model: nn.Module) -> None:
+    """Undo `mask_adapters`: PEFT's own forward again, the external parameters unregistered (after the merge B = 0,
+    so both forwards compute W x; PEFT's does not form the dense product)."""
+    for layer in model.modules():
+        if isinstance(layer, LoraLayer) and getattr(layer.forward, "__func__", None) is _masked_forward:
+            del layer.forward
+            weight, a, b, _ = lora_parts(layer)
+            for param in (weight, a, b):
+                if hasattr(param, "ds_id"):
+                    unregister_external_parameter(layer, param)
 
 
 @torch.no_grad()

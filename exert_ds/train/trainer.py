@@ -35,7 +35,7 @@ from exert_ds.model.loading import load_model, load_tokenizer
 from exert_ds.model.lora import attach_lora
 from exert_ds.prune.event import EventReport, PruneEvent, PruneState
 from exert_ds.prune.pattern import pattern_problem
-from exert_ds.prune.recovery import mask_adapters, merge_masked
+from exert_ds.prune.recovery import mask_adapters, merge_masked, unmask_adapters
 from exert_ds.prune.schedule import PlannedEvent, plan_events
 from exert_ds.runtime.dist import init_distributed, launched_world_size
 from exert_ds.runtime.ds_config import load_ds_config
@@ -394,11 +394,20 @@ def train(cfg: RunConfig, resume: str | None = None, adapter: str | None = None,
         + (f", then {recovery} recovery steps with the adapter masked to the kept weights" if recovery else "")
     )
     plan = plan[position.events_done :]
-    if recovery and not plan:  # resumed after the final event
+    finished = position.epoch >= epochs  # resumed from the final checkpoint: merged already
+    if recovery and not plan and not finished:  # resumed inside the recovery
         mask_adapters(engine.module)
+    schedule_end = getattr(engine.lr_scheduler, "total_num_steps", None)  # decaying DeepSpeed schedulers have one
+    if recovery and schedule_end is not None and schedule_end < end:
+        logger.line(
+            f"warning: the DeepSpeed scheduler's total_num_steps ({schedule_end}) ends before the last recovery step "
+            f"({end}): the recovery steps run at its final learning rate; raise total_num_steps to {end} to include them"
+        )
 
     def checkpoint(epoch: int, micro: int) -> None:
         nonlocal position
+        if one_shot:  # exert-ds prune has no --resume: its checkpoints could only be taken for a training run's
+            return
         assert_at_boundary(engine, step)
         position = replace(position, step=step, epoch=epoch, micro=micro, events_done=session.events.state.events_done)
         save_checkpoint(
@@ -432,13 +441,14 @@ def train(cfg: RunConfig, resume: str | None = None, adapter: str | None = None,
             if step % cfg.train.log_every == 0 or step == end:
                 _log_step(session, step, losses, tokens, started)
                 losses, tokens, started = [], 0, time.perf_counter()
-            if cfg.train.save_every_steps and step % cfg.train.save_every_steps == 0:
-                checkpoint(epoch, micro + 1)
+            if cfg.train.save_every_steps and step % cfg.train.save_every_steps == 0 and not (recovery and step == end):
+                checkpoint(epoch, micro + 1)  # (the last recovery step's would carry the final checkpoint's name)
     bar.close()
     for planned in plan:  # the final event (and any planned at the very end)
         run_event(session, planned, step)
-    if recovery:
+    if recovery and not finished:
         merge_masked(engine.module, Zero3Backend())
+        unmask_adapters(engine.module)
         logger.line(f"merged the adapter of {recovery} recovery steps into the kept weights (mask unchanged)")
     if not cfg.prune.enabled:  # dense LoRA: merge only (an event at sparsity 0)
         session.events.run(session.calibration, 0.0, pbs=False, ema=False, progress=False)
@@ -474,7 +484,7 @@ def _log_step(session: Session, step: int, losses: list[torch.Tensor], tokens: i
 
 def prune_once(cfg: RunConfig, adapter: str | None = None) -> Path | None:
     """One-shot prune event (any scorer) on a dense model, with or without a trained adapter, then save. With
-    `prune.recovery_steps`, the masked recovery follows on data.train, as `train` runs it (checkpoints included)."""
+    `prune.recovery_steps`, the masked recovery follows on data.train, as `train` runs it, without checkpoints."""
     if cfg.prune.recovery_steps:
         return train(cfg, adapter=adapter, one_shot=True)
     session = build_session(cfg, with_training_data=False, adapter=adapter)
