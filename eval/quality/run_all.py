@@ -145,6 +145,7 @@ def main() -> None:
     parser.add_argument("--deadline-s", type=float, default=480, help="kill what still runs after this")
     parser.add_argument("--domains", default="health,legal")
     parser.add_argument("--only", default="", help="comma-separated job names (default: all)")
+    parser.add_argument("--skip", default="", help="comma-separated METHOD@SPARSITY cells not to run (e.g. done earlier)")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds, all run in this one call (e.g. 0,1,2)")
     parser.add_argument("--sparsities", default="0.5,0.4", help="comma-separated target sparsities")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated method names")
@@ -164,6 +165,8 @@ def main() -> None:
     if unknown:
         parser.error(f"--methods: unknown {unknown}; known: {', '.join(DEFAULT_METHODS)}")
     queue = [j for s in seeds for d in args.domains.split(",") for j in jobs_for(d, s, sparsities, methods, args.set)]
+    skip = {(m, float(p)) for m, _, p in (c.partition("@") for c in args.skip.split(",") if c)}
+    queue = [j for j in queue if (j.method, j.sparsity) not in skip]
     if args.only:
         queue = [j for j in queue if j.name in args.only.split(",")]
         for job in queue:  # a dependency left out of --only is satisfied by its earlier output
