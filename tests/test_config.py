@@ -57,6 +57,7 @@ BAD = [
     ({"prune": {"recovery_steps": -3}}, "'prune.recovery_steps' must be >= 0"),
     ({"prune": {"enabled": False, "recovery_steps": 4}}, "'prune.recovery_steps' recovers after the final mask"),
     ({"prune": {"recovery_steps": 4}, "lora": {"r": 4, "use_dora": True}}, "masks plain LoRA's product B·A only"),
+    ({"prune": {"recovery_steps": 4}, "lora": {"r": 4, "lora_bias": True}}, "masks plain LoRA's product B·A only"),
     ({"prune": {"enabled": "yes"}}, "'prune.enabled' must be bool"),
     ({"pbs": {"reg": -1.0}}, "'pbs.reg' must be >= 0"),
     ({"pbs": {"keep_weight": 2.0}}, "'pbs.keep_weight' must be in [0, 1]"),
