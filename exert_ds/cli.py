@@ -18,7 +18,10 @@ DESCRIPTION = (
     "EfficientXpert (ForeSight Mask + Partial Brain Surgeon) inside DeepSpeed ZeRO-3. Start the distributed "
     "commands with a launcher: deepspeed, torchrun, mpirun or srun (see launch/)."
 )
-TRAIN_HELP = "LoRA fine-tuning under ZeRO-3 with the EfficientXpert prune schedule; writes the sparse expert"
+TRAIN_HELP = (
+    "LoRA fine-tuning under ZeRO-3 with the EfficientXpert prune schedule (and prune.recovery_steps masked LoRA steps "
+    "after the final event); writes the sparse expert"
+)
 PRUNE_HELP = (
     "one-shot prune event (foresight, wanda, magnitude, sparsegpt) on a dense model; with prune.recovery_steps K, "
     "then K LoRA steps on data.train masked to the kept weights"

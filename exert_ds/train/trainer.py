@@ -401,7 +401,8 @@ def train(cfg: RunConfig, resume: str | None = None, adapter: str | None = None,
     if recovery and schedule_end is not None and schedule_end < end:
         logger.line(
             f"warning: the DeepSpeed scheduler's total_num_steps ({schedule_end}) ends before the last recovery step "
-            f"({end}): the recovery steps run at its final learning rate; raise total_num_steps to {end} to include them"
+            f"({end}): the recovery steps run at its final learning rate (0 for WarmupDecayLR: no recovery at all); raise "
+            f"total_num_steps to {end} to include them"
         )
 
     def checkpoint(epoch: int, micro: int) -> None:
