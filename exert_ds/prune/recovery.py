@@ -48,11 +48,9 @@ def _masked_forward(self: LoraLayer, x: Tensor, *args: object, **kwargs: object)
     return (result + F.linear(dropped.to(delta.dtype), delta)).to(result.dtype)  # summed as PEFT sums, then cast
 
 
-def mask_adapters(model: nn.Module) -> int:
-    """Switch every LoRA linear of `model` to the masked forward (idempotent). Returns the number of linears.
-
-    Raises ConfigError for an adapter the masked product does not model (a PEFT LoRA variant such as DoRA, LoRA bias, several
-    active adapters)."""
+def mask_adapters(model: nn.Module) -> None:
+    """Switch every LoRA linear of `model` to the masked forward (idempotent). Raises ConfigError for an adapter the
+    masked product does not model (a PEFT LoRA variant such as DoRA, a LoRA bias, several active adapters)."""
     layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
     for layer in layers:
         name = layer.active_adapters[0]
@@ -68,7 +66,6 @@ def mask_adapters(model: nn.Module) -> int:
             if hasattr(param, "ds_id"):  # ZeRO-3: gather it for this module's forward, not only its owner's
                 deepspeed.zero.register_external_parameter(layer, param)
         layer.forward = types.MethodType(_masked_forward, layer)
-    return len(layers)
 
 
 def unmask_adapters(model: nn.Module) -> None:
