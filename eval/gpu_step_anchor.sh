@@ -24,10 +24,10 @@
 #   mel7b, mel8b: best7b/best8b with memory_efficient_linear false (torch's F.linear in place of DeepSpeed's
 #                 LinearFunctionForZeroStage3, whose backward led the CPU profile); profile4_mel: its 4-block profile
 #   deepcompile4_mel: 4 blocks, the mel settings and --deepcompile
-#   blocks70b_fast, event7b_fast: blocks70b and event7b with the granularity + F.linear keys and LoRA in bf16 (the
-#                 event's passes through leaf blocks, runtime/zero3.gathered_for_pass); run on 2026-12-01 (call6) as
-#                 ds_configs/zero3_bf16_fast.json, which has been ds_configs/zero3_bf16.json since
-#   (blocks70b and the runs without --zero-set before call6 used the per-module zero3_bf16.json of that day, commit a89a67b)
+#   (Up to call6 of 2026-12-01 ds_configs/zero3_bf16.json was the per-module config of commit a89a67b, and the
+#   granularity + F.linear keys were zero3_bf16_fast.json: call6's bench_70b_blocks_1gpu_fast.json and
+#   event_7b_fast.json came from runs blocks70b_fast / event7b_fast, which were blocks70b / event7b with
+#   --ds-config ds_configs/zero3_bf16_fast.json; those keys are now the default, so blocks70b / event7b run them.)
 set -uo pipefail
 source eval/gpu_setup.sh || exit 1
 OUT=${OUT:-/tmp/step_out}
@@ -112,12 +112,6 @@ for what in "$@"; do
     blocks70b) run blocks70b "${ds1[@]}" eval/bench_70b_blocks.py --config-dir eval/configs/llama3_70b_shape --layers 3 \
                  --seq 1024 --micro-batch 1 --calib-samples 16 --calib-seq 2048 --calib-micro-batch 2 \
                  --out "$OUT/bench_70b_blocks_1gpu.json" ;;
-    blocks70b_fast) run blocks70b_fast "${ds1[@]}" eval/bench_70b_blocks.py --config-dir eval/configs/llama3_70b_shape \
-                 --layers 3 --seq 1024 --micro-batch 1 --calib-samples 16 --calib-seq 2048 --calib-micro-batch 2 \
-                 --ds-config ds_configs/zero3_bf16.json --adapter-dtype model --out "$OUT/bench_70b_blocks_1gpu_fast.json" ;;
-    event7b_fast) run event7b_fast "${ds1[@]}" eval/bench_scale.py --config-dir $c7 --seq 1024 --micro-batch 4 --grad-ckpt \
-                 --warmup 2 --steps 4 --event-every 2 --calib-samples 32 --calib-seq 2048 --calib-micro-batch 4 \
-                 --ds-config ds_configs/zero3_bf16.json --adapter-dtype model --out "$OUT/event_7b_fast.json" ;;
     *) echo "unknown run $what" | tee -a "$OUT/runs.log" ;;
   esac
 done

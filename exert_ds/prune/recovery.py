@@ -14,17 +14,16 @@ and training saw exactly the model that is merged.
 Cost: the dense (s · B A) ⊙ M of each adapted linear (out × in, in the adapter's dtype) is formed in its forward and
 kept for backward, like the weight itself; with gradient checkpointing, one block's at a time. Under ZeRO-3 the
 base weight and the adapter's A and B are registered as external parameters of the LoRA linear
-(`deepspeed.zero.register_external_parameter`), so the engine keeps all three whole for the linear's forward.
+(DeepSpeed's `register_external_parameter`), so the engine keeps all three whole for the linear's forward.
 """
 
 from __future__ import annotations
 
 import types
 
-import deepspeed
 import torch
 import torch.nn.functional as F
-from deepspeed.runtime.zero.partition_parameters import unregister_external_parameter
+from deepspeed.runtime.zero.partition_parameters import register_external_parameter, unregister_external_parameter
 from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 
@@ -64,7 +63,7 @@ def mask_adapters(model: nn.Module) -> None:
         weight, a, b, _ = lora_parts(layer)
         for param in (weight, a, b):
             if hasattr(param, "ds_id"):  # ZeRO-3: gather it for this module's forward, not only its owner's
-                deepspeed.zero.register_external_parameter(layer, param)
+                register_external_parameter(layer, param)
         layer.forward = types.MethodType(_masked_forward, layer)
 
 

@@ -41,3 +41,8 @@ def plan_events(
         sparsity = prune.sparsity if prune.ramp == "none" else prune.sparsity * (1 - (1 - (i + 1) / count) ** 3)
         events.append(PlannedEvent(step, sparsity, pbs=pbs_at_final or not final, ema=0 < i and not final, final=final))
     return events
+
+
+def one_shot_event(sparsity: float, pbs: bool) -> PlannedEvent:
+    """The one event of a one-shot prune (`exert-ds prune`): before step 0, final (B = 0 after it), no EMA."""
+    return PlannedEvent(0, sparsity, pbs=pbs, ema=False, final=True)

@@ -36,7 +36,7 @@ from exert_ds.model.lora import attach_lora
 from exert_ds.prune.event import EventReport, PruneEvent, PruneState
 from exert_ds.prune.pattern import pattern_problem
 from exert_ds.prune.recovery import mask_adapters, merge_masked, unmask_adapters
-from exert_ds.prune.schedule import PlannedEvent, plan_events
+from exert_ds.prune.schedule import PlannedEvent, one_shot_event, plan_events
 from exert_ds.runtime.dist import init_distributed, launched_world_size
 from exert_ds.runtime.ds_config import load_ds_config
 from exert_ds.runtime.zero3 import Zero3Backend, check_leaf_modules
@@ -383,7 +383,7 @@ def train(cfg: RunConfig, resume: str | None = None, adapter: str | None = None,
     recovery = cfg.prune.recovery_steps
     if one_shot:
         total = 0
-        plan = [PlannedEvent(0, cfg.prune.sparsity, pbs=cfg.pbs.mode != "off", ema=False, final=True)]
+        plan = [one_shot_event(cfg.prune.sparsity, pbs=cfg.pbs.mode != "off")]
     else:
         total = min(cfg.train.max_steps or steps_per_epoch * cfg.train.epochs, steps_per_epoch * cfg.train.epochs)
         plan = plan_events(cfg.prune, total, steps_per_epoch, cfg.pbs.at_final)
@@ -489,7 +489,7 @@ def prune_once(cfg: RunConfig, adapter: str | None = None) -> Path | None:
     if cfg.prune.recovery_steps:
         return train(cfg, adapter=adapter, one_shot=True)
     session = build_session(cfg, with_training_data=False, adapter=adapter)
-    planned = PlannedEvent(step=0, sparsity=cfg.prune.sparsity, pbs=cfg.pbs.mode != "off", ema=False, final=True)
+    planned = one_shot_event(cfg.prune.sparsity, pbs=cfg.pbs.mode != "off")
     dense_ppl = held_out_perplexity(session)
     run_event(session, planned, 0)
     return finish(session, dense_ppl, pruned=True)
