@@ -25,7 +25,7 @@ from torch import nn
 from exert_ds.model.architecture import decoder_layers
 from exert_ds.prune.calibration import BlockInputs, advance_block, capture_block_inputs
 from exert_ds.runtime.access import Backend
-from exert_ds.runtime.dist import shutdown_distributed
+from exert_ds.runtime.dist import finish_launched_rank
 
 DEFAULTS = {
     "config_dir": str(REPO / "eval" / "configs" / "llama3_70b_shape"),
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     record = bench.event(args.sparsity, pbs=args.pbs != "off", ema=False)
     bench.results.add({"phase": "event", **record, **memory_record()})
     sync()
-    shutdown_distributed()
+    finish_launched_rank()
 
 
 if __name__ == "__main__":

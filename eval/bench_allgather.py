@@ -26,7 +26,7 @@ import deepspeed.comm as dist
 import torch
 from deepspeed.accelerator import get_accelerator
 
-from exert_ds.runtime.dist import init_distributed, shutdown_distributed
+from exert_ds.runtime.dist import finish_launched_rank, init_distributed
 
 MIB = 2**20
 
@@ -82,7 +82,9 @@ def main() -> None:
             "what": "all_gather_into_tensor, bf16, median of --repeats after a warm-up",
             "world_size": world,
             "device": torch.cuda.get_device_name() if cuda else "CPU",
-            "peer_access_0_1": torch.cuda.can_device_access_peer(0, 1) if cuda and torch.cuda.device_count() > 1 else None,
+            "peer_access_0_1": torch.cuda.can_device_access_peer(0, 1)
+            if cuda and torch.cuda.device_count() > 1
+            else None,
             "nccl_version": ".".join(map(str, torch.cuda.nccl.version())) if cuda else None,
             "torch": torch.__version__,
             "env": {k: v for k, v in os.environ.items() if k.startswith("NCCL_")},
@@ -93,7 +95,7 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(doc, indent=2))
         for row in rows:
             print(f"[bench] {json.dumps(row)}", flush=True)
-    shutdown_distributed()
+    finish_launched_rank()
 
 
 if __name__ == "__main__":

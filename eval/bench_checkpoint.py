@@ -51,7 +51,7 @@ from exert_ds.config import (  # noqa: E402
 from exert_ds.evaluation.sparsity import sparsity_report  # noqa: E402
 from exert_ds.model.architecture import unwrap  # noqa: E402
 from exert_ds.prune.event import PruneEvent, PruneState  # noqa: E402
-from exert_ds.runtime.dist import init_distributed, launched_world_size, shutdown_distributed  # noqa: E402
+from exert_ds.runtime.dist import finish_launched_rank, init_distributed, launched_world_size  # noqa: E402
 from exert_ds.runtime.ds_config import load_ds_config  # noqa: E402
 from exert_ds.runtime.zero3 import Zero3Backend  # noqa: E402
 from exert_ds.storage.checkpoint import (  # noqa: E402
@@ -296,7 +296,7 @@ def main() -> None:
         print(json.dumps(results, indent=2))
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    shutdown_distributed()
+    finish_launched_rank()
 
 
 def expert_and_export(args, engine, work: Path, results: dict, dense_bytes: int, largest: int, params, save) -> None:

@@ -82,7 +82,7 @@ from transformers import set_seed
 from exert_ds.prune.event import PruneEvent, PruneState
 from exert_ds.prune.pbs import partial_brain_surgeon_with_errors
 from exert_ds.prune.schedule import plan_events
-from exert_ds.runtime.dist import init_distributed, launched_world_size, shutdown_distributed
+from exert_ds.runtime.dist import finish_launched_rank, init_distributed, launched_world_size
 from exert_ds.runtime.zero3 import Zero3Backend
 from exert_ds.train.trainer import build_engine, train_micro_step
 
@@ -442,11 +442,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.trace_step:
         bench.trace_step(*last)
     sync()
-    shutdown_distributed()
     if bench.engine.global_rank == 0:
         print(
             f"[bench] wrote {Path(args.out).resolve()}: {json.dumps([m['phase'] for m in bench.results.doc['measurements']])}"
         )
+    finish_launched_rank()
 
 
 if __name__ == "__main__":

@@ -118,6 +118,14 @@ def exit_launched_rank(code: int) -> None:
     os._exit(code)
 
 
+def finish_launched_rank() -> None:
+    """The normal end of a script run under a launcher (the tests' workers, the eval benches): leave the process group
+    together (`shutdown_distributed`), then end the rank without the interpreter teardown (`exit_launched_rank(0)`).
+    Call it as the script's last statement, once every file is written and closed; one process returns normally."""
+    shutdown_distributed()
+    exit_launched_rank(0)
+
+
 def remove_deepspeed_shm_buffer(rank: int) -> None:
     """DeepSpeed's CPU shared-memory all-reduce (op deepspeed_shm_comm, deepspeed 0.19.8) creates
     /dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank> (69 MB) and never unlinks it; a

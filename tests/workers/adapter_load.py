@@ -10,6 +10,7 @@ import deepspeed.comm as dist
 import torch
 
 from exert_ds.errors import ConfigError
+from exert_ds.runtime.dist import finish_launched_rank
 from exert_ds.train.trainer import load_adapter_weights
 from tests.tiny_models import tiny_lora_model
 
@@ -40,4 +41,4 @@ else:
         gathered = {name: p.detach().clone() for name, p in lora.items()}
     if rank == 0:
         torch.save(gathered, args.out)
-dist.barrier()
+finish_launched_rank()  # leave the group together, then skip the teardown that can abort a rank

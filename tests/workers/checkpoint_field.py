@@ -17,7 +17,7 @@ import torch
 
 from exert_ds.config import ModelConfig, RunConfig
 from exert_ds.errors import ConfigError
-from exert_ds.runtime.dist import init_distributed, launched_world_size, shutdown_distributed
+from exert_ds.runtime.dist import finish_launched_rank, init_distributed, launched_world_size
 from exert_ds.runtime.ds_config import load_ds_config
 from exert_ds.runtime.zero3 import local_range
 from exert_ds.storage import checkpoint as ckpt
@@ -82,4 +82,4 @@ else:
     ckpt.load_checkpoint(engine, root / (root / "latest").read_text(), "fingerprint", fields=WITH_DUMMY)
     ranges = {n: [local_range(p).start, local_range(p).end] for n, p in pruned_base_weights(engine.module).items()}
     torch.save({"restored": restored, "ranges": ranges}, out / f"dummy-rank{rank}.pt")
-shutdown_distributed()
+finish_launched_rank()  # leave the group together, then skip the teardown that can abort a rank

@@ -8,7 +8,7 @@ import deepspeed.comm as dist
 
 from exert_ds.config import load_config
 from exert_ds.errors import ConfigError
-from exert_ds.runtime.dist import shutdown_distributed
+from exert_ds.runtime.dist import finish_launched_rank
 from exert_ds.train import trainer
 
 parser = argparse.ArgumentParser()
@@ -23,4 +23,4 @@ try:
 except ConfigError as err:
     message = f"ConfigError: {err}"
 Path(args.out, f"error-rank{dist.get_rank()}.txt").write_text(message)
-shutdown_distributed()  # leave the process group together: gloo aborts a rank that exits while a peer still uses it
+finish_launched_rank()  # leave the group together, then skip the teardown that can abort a rank

@@ -12,6 +12,7 @@ import deepspeed.comm as dist
 import torch
 
 from exert_ds.evaluation.perplexity import perplexity
+from exert_ds.runtime.dist import finish_launched_rank
 from exert_ds.runtime.zero3 import Zero3Backend
 from exert_ds.train.trainer import held_out_perplexity
 from tests.tiny_models import calibration_ids, tiny_lora_model
@@ -69,3 +70,4 @@ def release_check() -> None:
 release_check()
 if rank == 0:
     torch.save(results, Path(args.out))
+finish_launched_rank()  # leave the group together, then skip the teardown that can abort a rank

@@ -21,7 +21,7 @@ from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_
 from exert_ds.model.architecture import block_linears, decoder_layers
 from exert_ds.model.lora import adapter_seed, fresh_lora_a, lora_parts
 from exert_ds.prune.event import run_prune_event
-from exert_ds.runtime.dist import shutdown_distributed
+from exert_ds.runtime.dist import finish_launched_rank
 from exert_ds.runtime.zero3 import Zero3Backend, local_range, local_values
 from tests.event_compare import case_config
 from tests.tiny_models import calibration_ids, tiny_lora_model
@@ -109,4 +109,4 @@ for case in args.cases.split(","):
     results[case] = {"weights": weights, "scalars": report.scalars()}
 if rank == 0:
     torch.save(results, Path(args.out))
-shutdown_distributed()  # leave together: a rank that exits while gloo still serves its peer can abort it at exit
+finish_launched_rank()  # leave the group together, then skip the teardown that can abort a rank

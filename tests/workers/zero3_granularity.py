@@ -17,7 +17,7 @@ from deepspeed.utils import z3_leaf_module
 
 from exert_ds.config import CalibrationConfig, ModelConfig, PBSConfig, PruneConfig, RunConfig, TrainConfig
 from exert_ds.prune.event import run_prune_event
-from exert_ds.runtime.dist import init_distributed, shutdown_distributed
+from exert_ds.runtime.dist import finish_launched_rank, init_distributed
 from exert_ds.runtime.zero3 import Zero3Backend
 from exert_ds.train.trainer import build_engine, train_micro_step
 
@@ -73,4 +73,4 @@ if rank == 0:
     leaves = [name for name, module in engine.module.named_modules() if z3_leaf_module(module)]
     Path(args.out).write_text(json.dumps({"losses": losses, "leaves": leaves, "scalars": report.scalars()}))
     torch.save(weights, Path(args.out).with_suffix(".pt"))
-shutdown_distributed()
+finish_launched_rank()  # leave the group together, then skip the teardown that can abort a rank
