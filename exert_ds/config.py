@@ -177,6 +177,12 @@ class PruneConfig:
     # prune/recovery.py), then a merge that keeps exactly the final mask; 0: none. Each adapted linear forms its dense
     # out × in product for these steps: with a large model, set train.gradient_checkpointing
     recovery_steps: Annotated[int, Bounds(ge=0)] = 0
+    # how the sparsity is spread over decoder blocks (§8 d, prune/allocation.py): "uniform" (the paper's), or "owl"
+    # (outlier-weighted: block sparsities 2·owl_lambda apart from least to most pruned, mean p; outliers are metrics
+    # above owl_threshold × the block's mean), measured once at the first event
+    allocation: Literal["uniform", "owl"] = "uniform"
+    owl_lambda: Annotated[float, Bounds(gt=0, lt=1)] = 0.08
+    owl_threshold: Annotated[float, Bounds(gt=0)] = 5.0
 
 
 @dataclass
@@ -243,6 +249,9 @@ class RunConfig:
             fields["prune"].pop("ema_dtype")
         if not fields["prune"]["recovery_steps"]:  # the key's default: checkpoints written before it still resume
             fields["prune"].pop("recovery_steps")
+        if fields["prune"]["allocation"] == "uniform":  # likewise; the OWL keys mean nothing then
+            for key in ("allocation", "owl_lambda", "owl_threshold"):
+                fields["prune"].pop(key)
         blob = json.dumps(fields, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -389,6 +398,21 @@ def _check_pruning(cfg: RunConfig) -> None:
         not (p.recovery_steps and (cfg.lora.get("use_dora") or cfg.lora.get("lora_bias"))),
         "config key 'prune.recovery_steps' masks plain LoRA's product B·A only: drop lora.use_dora / lora.lora_bias, "
         "or set prune.recovery_steps: 0",
+    )
+    _check(
+        not (p.allocation == "owl" and (p.n or p.m)),
+        "config key 'prune.allocation: owl' varies the sparsity over blocks, which an N:M pattern fixes: drop "
+        "prune.n/prune.m or use allocation: uniform",
+    )
+    _check(
+        not (p.allocation == "owl" and not p.enabled),
+        "config key 'prune.allocation: owl' spreads the pruning over blocks, but 'prune.enabled' is false: set "
+        "allocation: uniform or enable pruning",
+    )
+    _check(
+        not (p.allocation == "owl" and not (2 * p.owl_lambda <= p.sparsity and p.sparsity + 2 * p.owl_lambda < 1)),
+        f"config key 'prune.owl_lambda' ({p.owl_lambda}) must keep every block's sparsity in [0, 1) around "
+        f"prune.sparsity {p.sparsity}: need 2·owl_lambda <= sparsity and sparsity + 2·owl_lambda < 1",
     )
     _check(
         not (cfg.pbs.at_final and cfg.pbs.mode == "off"),

@@ -8,13 +8,20 @@ from exert_ds.prune.scorers import SCORERS
 from exert_ds.runtime.access import DenseBackend
 from tests.tiny_models import calibration_ids, event_config, tiny_lora_model
 
+OWL_TEST_THRESHOLD = (
+    2.0  # the tiny models' random weights have few metrics above OWL's 5× the mean: blocks differ at 2×
+)
+
 
 def case_config(case: str, **train):
-    """`case` = "scorer:pbs_mode" or "scorer:pbs_mode:obs" (prune.reconstruct obs): the event's config at sparsity
-    0.5, seed 5 (`train` keys: reset_after_prune, micro_batch)."""
+    """`case` = "scorer:pbs_mode" followed by any of ":obs" (prune.reconstruct obs) and ":owl" (prune.allocation owl,
+    λ 0.08, threshold OWL_TEST_THRESHOLD): the event's config at sparsity 0.5, seed 5 (`train` keys:
+    reset_after_prune, micro_batch)."""
     scorer, pbs_mode, *rest = case.split(":")
-    reconstruct = rest[0] if rest else "none"
-    return event_config(sparsity=0.5, scorer=scorer, pbs_mode=pbs_mode, seed=5, reconstruct=reconstruct, **train)
+    prune = {"reconstruct": "obs"} if "obs" in rest else {}
+    if "owl" in rest:
+        prune |= {"allocation": "owl", "owl_threshold": OWL_TEST_THRESHOLD}
+    return event_config(sparsity=0.5, scorer=scorer, pbs_mode=pbs_mode, seed=5, **prune, **train)
 
 
 def dense_event(family: str, case: str, layers: int = 2, micro_batch: int = 4):
@@ -27,12 +34,17 @@ def dense_event(family: str, case: str, layers: int = 2, micro_batch: int = 4):
 
 def every_registered_case() -> list[str]:
     """Each registered scorer; a mask scorer under both PBS solves (hessian: H, reference: E), an updating one alone;
-    and the OBS reconstruction of the kept weights (a solve on H too)."""
+    the OBS reconstruction of the kept weights (a solve on H too); the OWL allocation over blocks."""
     return [
         f"{name}:{mode}"
         for name, scorer in SCORERS.items()
         for mode in (("off",) if scorer.updates_weights else ("hessian", "reference"))
-    ] + ["foresight:hessian:obs", "wanda:off:obs"]  # prune.reconstruct obs, with and without PBS after it
+    ] + [
+        "foresight:hessian:obs",  # prune.reconstruct obs, with and without PBS after it
+        "wanda:off:obs",
+        "foresight:hessian:owl",  # prune.allocation owl, with a mask scorer and with one that updates the weights
+        "sparsegpt:off:owl",
+    ]
 
 
 def assert_same_weights(want: dict, got: dict, case: str, tolerance: float = 1e-5) -> None:

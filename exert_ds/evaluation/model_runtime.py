@@ -35,7 +35,7 @@ class Runtime:
     rank: int = 0
     world: int = 1
     zero3: bool = False
-    promised_sparsity: float | None = None
+    promised_sparsity: float | list[float] | None = None  # a list: one per decoder block (OWL)
     keep_alive: list[Any] = field(default_factory=list)  # engine, HfDeepSpeedConfig
 
     @property

@@ -64,13 +64,23 @@ def sparsity_report(model: nn.Module, reduce: Reduce | None = None) -> dict:
     }
 
 
-def check_promise(report: dict, promised: float, tolerance: float = 0.01) -> dict:
-    """Whether every matrix keeps the promised sparsity: ≥ floor(p·in)/in zeros and ≤ p + tolerance."""
+def check_promise(report: dict, promised: float | list[float], tolerance: float = 0.01) -> dict:
+    """Whether every matrix keeps the promised sparsity p: ≥ floor(p·in)/in zeros and ≤ p + tolerance. `promised`: one
+    p for every block, or one per decoder block (prune.allocation owl; reported as their mean, the list under
+    "blocks")."""
+    owl = isinstance(promised, list)
+    per_block = promised if owl else [promised] * len(report["blocks"])
+    if len(per_block) != len(report["blocks"]):
+        raise ValueError(f"{len(per_block)} block sparsities promised for a model of {len(report['blocks'])} blocks")
     failures = []
     for block, roles in enumerate(report["blocks"]):
+        p = per_block[block]
         for role, measured in roles.items():
             width = report["in_features"][role]
-            low = math.floor(promised * width) / width
-            if not (low - 1e-9 <= measured <= promised + tolerance):
-                failures.append(f"block {block} {role}: {measured:.4f}")
-    return {"promised": promised, "tolerance": tolerance, "passed": not failures, "failures": failures}
+            low = math.floor(p * width) / width
+            if not (low - 1e-9 <= measured <= p + tolerance):
+                failures.append(f"block {block} {role}: {measured:.4f}" + (f" (promised {p:.4f})" if owl else ""))
+    result = {"promised": sum(per_block) / len(per_block) if owl else promised, "tolerance": tolerance}
+    if owl:
+        result["blocks"] = list(per_block)
+    return result | {"passed": not failures, "failures": failures}

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from exert_ds.config import RunConfig, check_event_sections
 from exert_ds.model.architecture import decoder_layers, geometry
 from exert_ds.model.lora import adapter_seed, block_lora_layers, fresh_lora_a
+from exert_ds.prune.allocation import event_block_sparsities, measure_outlier_ratios, owl_sparsities
 from exert_ds.prune.calibration import BlockInputs, InputStatistics, advance_block, capture_block_inputs, run_block
 from exert_ds.prune.foresight import ROLES, HeadGeometry, ema_scores, row_mask
 from exert_ds.prune.pbs import (
@@ -50,6 +51,9 @@ class PruneState:
     # prune.ema_shadow: the same EMA held in float32 beside `ema` (diagnostic, never checkpointed; a resumed run starts
     # it from the held values), or None when off
     shadow: dict[str, Tensor] | None = None
+    # prune.allocation owl: each block's sparsity at the target p (allocation.py), measured at the first event and
+    # kept (checkpointed in the training position); None: uniform
+    allocation: list[float] | None = None
 
     @staticmethod
     def key(block: int, role: str) -> str:
@@ -133,7 +137,8 @@ class PruneEvent:
     @torch.no_grad()
     def run(self, calibration_ids: Tensor, sparsity: float, pbs: bool, ema: bool, progress: bool = True) -> EventReport:
         """One event at `sparsity` (the schedule's, PlannedEvent.sparsity). `calibration_ids`: (N_rank, T), this
-        process's share of the N × T calibration token ids."""
+        process's share of the N × T calibration token ids. With `prune.allocation: owl` each block is pruned at its
+        own sparsity (allocation.event_block_sparsities), the allocation measured first if the state has none."""
         cfg = self.cfg
         event = self.state.events_done
         report = EventReport(event, shadow=self.state.shadow is not None)
@@ -144,12 +149,18 @@ class PruneEvent:
         want_hessian = (
             self.scorer.needs_hessian or (use_pbs and cfg.pbs.mode == "hessian") or cfg.prune.reconstruct == "obs"
         )
-        inputs = capture_block_inputs(self.model, calibration_ids, cfg.calibration.micro_batch)
         layers = decoder_layers(self.model)
+        if cfg.prune.allocation == "owl" and self.state.allocation is None and sparsity > 0:
+            ratios = measure_outlier_ratios(
+                self.model, self.backend, calibration_ids, cfg.calibration.micro_batch, cfg.prune.owl_threshold
+            )
+            self.state.allocation = owl_sparsities(ratios, cfg.prune.sparsity, cfg.prune.owl_lambda)
+        per_block = event_block_sparsities(self.state.allocation, cfg.prune.sparsity, sparsity, len(layers))
+        inputs = capture_block_inputs(self.model, calibration_ids, cfg.calibration.micro_batch)
         bar = tqdm(range(len(layers)), desc=f"prune event {event}", disable=not progress or self.backend.rank != 0)
         for block in bar:
             inputs = self._prune_block(
-                block, layers[block], inputs, event, sparsity, use_pbs, want_hessian, ema, report
+                block, layers[block], inputs, event, per_block[block], use_pbs, want_hessian, ema, report
             )
         for rep in report.roles.values():
             counts = self.backend.all_reduce(

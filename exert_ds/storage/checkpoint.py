@@ -112,6 +112,7 @@ class TrainPosition:
     micro: int = 0
     events_done: int = 0
     dense_perplexity: float | None = None  # measured before any training, kept for the final report
+    allocation: list[float] | None = None  # prune.allocation owl: each block's sparsity at the target (PruneState)
 
 
 def _engine_scalars(engine) -> dict:

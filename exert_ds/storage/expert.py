@@ -67,20 +67,30 @@ def _local_values(param: nn.Parameter) -> Tensor:
     return param.detach().reshape(-1)
 
 
-def pruned_roles(model: nn.Module) -> dict[int, str]:
-    """id(base weight) → role, for the seven projections of every block (LoRA-wrapped or not)."""
-    roles = {}
+def pruned_weights(model: nn.Module) -> dict[int, tuple[int, str]]:
+    """id(base weight) → (block, role), for the seven projections of every block (LoRA-wrapped or not)."""
+    found = {}
     for block in range(len(decoder_layers(model))):
         for role, module in block_linears(model, block).items():
             base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
-            roles[id(base.weight)] = role
-    return roles
+            found[id(base.weight)] = (block, role)
+    return found
 
 
-def _promise(role: str | None, shape: tuple[int, ...], sparsity: float, n: int, m: int) -> dict:
-    if role is None:
+def pruned_roles(model: nn.Module) -> dict[int, str]:
+    """id(base weight) → role, for the seven projections of every block (LoRA-wrapped or not)."""
+    return {key: role for key, (_, role) in pruned_weights(model).items()}
+
+
+def _promise(
+    where: tuple[int, str] | None, shape: tuple[int, ...], sparsity: float | list[float], n: int, m: int
+) -> dict:
+    """A tensor's manifest entry: dense, or sparse with the zeros per row its block's sparsity promises."""
+    if where is None:
         return {"storage": "dense"}
-    return {"storage": "sparse", "role": role, "zeros_per_row": pruned_per_row(sparsity, shape[-1], n, m)}
+    block, role = where
+    p = sparsity[block] if isinstance(sparsity, list) else sparsity
+    return {"storage": "sparse", "role": role, "zeros_per_row": pruned_per_row(p, shape[-1], n, m)}
 
 
 @torch.no_grad()
@@ -92,12 +102,15 @@ def write_expert(
     n: int = 0,
     m: int = 0,
     base_model: dict | None = None,
+    block_sparsity: list[float] | None = None,
 ) -> Path:
     """Collective under ZeRO-3 (also a plain single process): each rank streams its partition of every base
     parameter (LoRA excluded: B = 0 after the final event, so the base weights are the merged model) into its own
     file; rank 0 adds config, tokenizer and the manifest. `sparsity` (or N:M `n`, `m`) is what the schedule
     promised: every pruned row must hold at least `pruned_per_row(...)` zeros, which readers check. `base_model`
     (base_model.base_model_fingerprint of the files it was trained from) is kept in the manifest as provenance.
+    `block_sparsity` (prune.allocation owl: one sparsity per decoder block, mean `sparsity`) promises each block's
+    own, and the manifest's promise lists them as "blocks".
     A write the OS refuses on any rank raises the same WriteError on every rank, and nothing is left behind."""
     rank, world = _rank_world()
     out = Path(out_dir)
@@ -108,13 +121,14 @@ def write_expert(
         with shared.catch(), write_errors(tmp):
             tmp.mkdir(parents=True)
     shared.share()
-    roles = pruned_roles(model)
+    roles = pruned_weights(model)
+    promised = sparsity if block_sparsity is None else list(block_sparsity)
     params = [(base_parameter_name(n_), p) for n_, p in model.named_parameters() if "lora_" not in n_]
     specs, tensors, layouts = [], {}, {}
     for name, param in params:  # pass 1: sizes (non-zero counts), so the header can be written first
         local = _local_values(param)
         entry = {"shape": list(_shape(param)), "dtype": str(local.dtype).removeprefix("torch.")}
-        entry |= _promise(roles.get(id(param)), _shape(param), sparsity, n, m)
+        entry |= _promise(roles.get(id(param)), _shape(param), promised, n, m)
         if entry["storage"] == "sparse":
             layouts[name] = sparse_codec.plan(local)
             specs += [(f"{name}.{key}", dtype, shape) for key, dtype, shape in sparse_codec.specs(layouts[name])]
@@ -149,7 +163,8 @@ def write_expert(
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "world_size": world,
-            "promise": {"sparsity": sparsity, "n": n, "m": m},
+            "promise": {"sparsity": sparsity, "n": n, "m": m}
+            | ({} if block_sparsity is None else {"blocks": list(block_sparsity)}),
             "base_model": base_model,
             "tensors": tensors,
             "files": {k: v for part in gathered for k, v in sorted(part.items())},

@@ -24,9 +24,12 @@ from exert_ds.errors import ConfigError
 from exert_ds.storage.expert import read_manifest, read_tensor, verify_files
 
 
-def promised_sparsity(manifest: dict) -> float | None:
-    """The sparsity the expert's prune schedule promised: (M−N)/M for N:M, else the unstructured target."""
+def promised_sparsity(manifest: dict) -> float | list[float] | None:
+    """The sparsity the expert's prune schedule promised: (M−N)/M for N:M, one per decoder block for an OWL
+    allocation (the promise's "blocks"), else the unstructured target."""
     promise = manifest.get("promise", {})
+    if promise.get("blocks"):
+        return list(promise["blocks"])
     if promise.get("m"):
         return (promise["m"] - promise["n"]) / promise["m"]
     return promise.get("sparsity") or None
@@ -42,7 +45,7 @@ def _broadcast(obj: Any) -> Any:
 @torch.no_grad()
 def load_expert_model(
     cfg: ModelConfig, ds_config: dict[str, Any] | None
-) -> tuple[PreTrainedModel, HfDeepSpeedConfig | None, float | None]:
+) -> tuple[PreTrainedModel, HfDeepSpeedConfig | None, float | list[float] | None]:
     """(model, the HfDeepSpeedConfig to keep alive, promised sparsity) of the expert directory cfg.name_or_path."""
     path = cfg.name_or_path
     zero3 = ds_config is not None

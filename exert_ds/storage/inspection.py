@@ -120,6 +120,9 @@ def describe_expert(path: Path) -> tuple[list[str], str | None]:
     world, promise, tensors = manifest["world_size"], manifest["promise"], manifest["tensors"]
     sparse = {name: e for name, e in tensors.items() if e["storage"] == "sparse"}
     pattern = f"{promise['n']}:{promise['m']}" if promise["m"] else f"sparsity {promise['sparsity']} per row"
+    if promise.get("blocks"):  # prune.allocation owl
+        blocks = promise["blocks"]
+        pattern += f" on average over blocks (OWL allocation, {min(blocks):.4f}–{max(blocks):.4f} per block)"
     lines = [
         f"sparse expert {path}",
         f"  world size {world}, format {manifest['format_version']}, {len(tensors)} tensors ({len(sparse)} stored "

@@ -120,11 +120,15 @@ def check_pattern_fits(model: torch.nn.Module, n: int, m: int) -> None:
             raise ConfigError(problem)
 
 
-def prune_state(cfg: RunConfig, events_done: int, ema: dict[str, torch.Tensor]) -> PruneState:
-    """The EMA state between events, held in `prune.ema_dtype` (a resumed one comes back in the dtype it was held in);
-    with `prune.ema_shadow`, an empty float32 twin that the next event starts from the held values."""
+def prune_state(
+    cfg: RunConfig, events_done: int, ema: dict[str, torch.Tensor], allocation: list[float] | None = None
+) -> PruneState:
+    """The state between events: the EMA, held in `prune.ema_dtype` (a resumed one comes back in the dtype it was
+    held in), and the OWL allocation (a resumed position's); with `prune.ema_shadow`, an empty float32 twin that the
+    next event starts from the held values."""
     shadow: dict[str, torch.Tensor] | None = {} if cfg.prune.ema_shadow else None
-    return PruneState(events_done=events_done, ema=ema, dtype=getattr(torch, cfg.prune.ema_dtype), shadow=shadow)
+    dtype = getattr(torch, cfg.prune.ema_dtype)
+    return PruneState(events_done, ema, dtype, shadow, allocation)
 
 
 def build_session(cfg: RunConfig, with_training_data: bool, adapter: str | None = None) -> Session:
@@ -319,6 +323,7 @@ def finish(session: Session, dense_ppl: float | None, pruned: bool) -> Path | No
         session.out_dir / "expert",
         *promise,
         base_model=base_model_fingerprint(session.cfg.model),
+        block_sparsity=session.events.state.allocation if pruned else None,
     )
     out, error = None, None
     if dist.get_rank() == 0:
@@ -373,7 +378,7 @@ def train(cfg: RunConfig, resume: str | None = None, adapter: str | None = None,
     position = TrainPosition()
     if found:
         position, ema = load_checkpoint(engine, found, cfg.fingerprint(), base_model)
-        session.events.state = prune_state(cfg, position.events_done, ema)
+        session.events.state = prune_state(cfg, position.events_done, ema, position.allocation)
         logger.line(f"resumed from {found} at step {position.step}")
     else:
         position = replace(position, dense_perplexity=held_out_perplexity(session))  # B = 0: the dense model
@@ -410,7 +415,10 @@ def train(cfg: RunConfig, resume: str | None = None, adapter: str | None = None,
         if one_shot:  # exert-ds prune has no --resume: its checkpoints could only be taken for a training run's
             return
         assert_at_boundary(engine, step)
-        position = replace(position, step=step, epoch=epoch, micro=micro, events_done=session.events.state.events_done)
+        state = session.events.state
+        position = replace(
+            position, step=step, epoch=epoch, micro=micro, events_done=state.events_done, allocation=state.allocation
+        )
         save_checkpoint(
             engine, session.events.state.ema, position, root, cfg.fingerprint(), cfg.train.keep_checkpoints, base_model
         )
