@@ -1,0 +1,52 @@
+"""prune.allocation owl through the trainer on 2 ranks (issue 20 d): with masked recovery after the final event, the
+exported expert keeps exactly ⌊s_l·in⌋ zeros in every row of block l (s_l the allocation the checkpoint recorded,
+also the expert's per-block promise), and a run resumed after the first event reuses the recorded allocation: its
+later checkpoints are bit-identical to the uninterrupted run's. (2 ranks against 1 for the event itself:
+test_zero3_event.py's every-registered-scorer test, owl cases included.)"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.event_compare import OWL_TEST_THRESHOLD
+from tests.launch import deepspeed_cpu
+from tests.test_checkpoint import assert_same_checkpoints, fresh_checkpoints, train_args
+from tests.test_recovery_distributed import recovery_yaml
+from tests.test_train import loss_lines, pruned_matrices
+
+pytestmark = pytest.mark.distributed
+
+
+def test_owl_training_keeps_each_blocks_zeros_and_resumes_with_the_same_allocation(tmp_path):
+    prune = {"sparsity": 0.5, "every_steps": 2, "allocation": "owl", "owl_threshold": OWL_TEST_THRESHOLD}
+    config = recovery_yaml(
+        tmp_path,
+        prune={**prune, "recovery_steps": 2},
+        train={"max_steps": 4, "save_every_steps": 1, "keep_checkpoints": 20},
+    )
+    first = deepspeed_cpu(train_args(config), ranks=2).stdout
+    root = tmp_path / "run" / "checkpoints"
+    position = json.loads((root / "step-00000002-event-001" / "manifest.json").read_text())["position"]
+    allocation = position["allocation"]
+    assert len(allocation) == 2 and allocation[0] != allocation[1]
+    assert sum(allocation) / 2 == pytest.approx(0.5, abs=1e-12)
+    manifest = json.loads((tmp_path / "run" / "expert" / "expert_manifest.json").read_text())
+    assert manifest["promise"]["blocks"] == allocation
+    for name, w in pruned_matrices(load_file(tmp_path / "run" / "final" / "model.safetensors")).items():
+        block = int(re.search(r"layers\.(\d+)\.", name).group(1))
+        assert ((w == 0).sum(1) == math.floor(allocation[block] * w.shape[1])).all(), name
+    # resumed after the first event: the second event uses the recorded allocation, not one measured anew
+    reference = tmp_path / "reference"
+    shutil.copytree(root, reference)
+    fresh_checkpoints(reference, root, "step-00000002-event-001")
+    resumed = deepspeed_cpu(train_args(config, "--resume", "auto"), ranks=2).stdout
+    assert loss_lines(resumed) == loss_lines(first)[2:]
+    later = sorted(p.name for p in reference.glob("step-*") if p.name > "step-00000002-event-001")
+    assert "step-00000004-event-002" in later
+    assert_same_checkpoints(reference, root, later)
