@@ -29,7 +29,7 @@ from exert_ds.validation import check_lora, check_model, check_output_dir
 EmaDtype = Literal["float32", "bfloat16"]  # prune.ema_dtype
 DEFAULT_EMA_DTYPE: EmaDtype = "float32"  # the one place to flip to bfloat16 once its quality is measured (issue 18.1)
 # train.* keys a resume may change
-BOOKKEEPING_KEYS = ("log_every", "save_every_steps", "keep_checkpoints", "save_event_adapters")
+BOOKKEEPING_KEYS = ("log_every", "save_every_steps", "keep_checkpoints", "save_event_adapters", "save_event_experts")
 
 
 class _Yaml12Loader(yaml.SafeLoader):
@@ -209,6 +209,10 @@ class TrainConfig:
     save_every_steps: Positive | None = None  # checkpoints also after every prune event and at the end
     keep_checkpoints: Positive = 2
     save_event_adapters: bool = False  # each event's adapter before its merge: output_dir/event_adapters/event-K
+    # the merged sparse model right after each event, as a sparse expert: output_dir/event_experts/event-K (the whole
+    # model's bytes at the event's sparsity, once per event). With save_event_adapters, event K−1's expert plus
+    # event_adapters/event-K (`exert-ds eval --adapter`) is the model event K started from
+    save_event_experts: bool = False
     # LoRA's parameters: float32 (PEFT's autocast of bf16/fp16 adapters), or the model's dtype, with DeepSpeed's bf16
     # optimizer keeping the float32 master copy (no float32 copy of every projection's input kept for backward)
     adapter_dtype: AdapterDtype = "model"

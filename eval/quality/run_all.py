@@ -47,6 +47,7 @@ TRAINED = {  # method name → the --set that make it (on top of health.yaml / l
     # issue 18.1; the float32 shadow only counts the mask entries it would set otherwise (training is unchanged)
     "foresight_pbs_hessian_ema_bf16": ["pbs.mode=hessian", "prune.ema_dtype=bfloat16", "prune.ema_shadow=true"],
     "foresight_pbs_obs_final_recovery": ["pbs.mode=hessian", "prune.reconstruct=obs", "pbs.at_final=true", RECOVERY],
+    "foresight_pbs_hessian_owl": ["pbs.mode=hessian", "prune.allocation=owl"],  # §8 d on the paper's settings
 }
 DEFAULT_METHODS = ("dense_lora", *TRAINED, *ONE_SHOT)
 

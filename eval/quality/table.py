@@ -35,6 +35,7 @@ METHOD_ORDER = (
     "foresight_pbs_obs_final",
     "foresight_pbs_hessian_ema_bf16",
     "foresight_pbs_obs_final_recovery",
+    "foresight_pbs_hessian_owl",
     "foresight_pbs_reference",
     "foresight_alone",
     "lora_then_wanda",

@@ -93,6 +93,15 @@ class EvalSettings:
     deepspeed: str | None = field(
         default=None, metadata=_flag("a ZeRO stage-3 DeepSpeed JSON: run as a ZeRO-3 inference engine")
     )
+    adapter: str | None = field(
+        default=None,
+        metadata=_flag(
+            "a PEFT LoRA adapter directory merged into the model before evaluation (e.g. train.save_event_adapters' "
+            "event_adapters/event-K on event K-1's expert: the model event K started from); the merge is dense, so no "
+            "sparsity promise is checked; not with --deepspeed",
+            metavar="DIR",
+        ),
+    )
     expect_sparsity: float | None = field(default=None, metadata=_flag("check every pruned matrix holds this sparsity"))
     sparsity_tolerance: float = field(default=0.01, metadata=_flag("zeros allowed above the promise"))
     dtype: str = field(default="float32", metadata=_flag("torch dtype to load the model in"))
@@ -207,6 +216,11 @@ def check_settings(settings: EvalSettings) -> None:
             raise ConfigError(f"{key} must be positive, got {value}")
     if settings.max_examples is not None and settings.max_examples < 1:
         raise ConfigError(f"--max-examples must be positive, got {settings.max_examples}")
+    if settings.adapter is not None:
+        if settings.deepspeed:
+            raise ConfigError("--adapter is merged into whole weights in each process: drop --deepspeed")
+        if not (Path(settings.adapter) / "adapter_config.json").is_file():
+            raise ConfigError(f"--adapter {settings.adapter}: not a PEFT adapter directory (no adapter_config.json)")
     if settings.expect_sparsity is not None and not 0 <= settings.expect_sparsity < 1:
         raise ConfigError(f"--expect-sparsity must be in [0, 1), got {settings.expect_sparsity}")
     if not hasattr(torch, settings.dtype) or not isinstance(getattr(torch, settings.dtype), torch.dtype):
@@ -282,11 +296,14 @@ def run_eval(settings: EvalSettings) -> dict[str, Any]:
             with user_errors(f"--perplexity {spec.name}"):
                 check_source_files(perplexity_source(spec, data_dir, scratch=Path()))
     runtime = open_model(
-        ModelConfig(settings.model, dtype=settings.dtype, tokenizer=settings.tokenizer), settings.deepspeed
+        ModelConfig(settings.model, dtype=settings.dtype, tokenizer=settings.tokenizer),
+        settings.deepspeed,
+        settings.adapter,
     )
     tokenizer, model = runtime.tokenizer, runtime.model
     results: dict[str, Any] = {
         "model": settings.model,
+        "adapter": settings.adapter,
         "model_kind": runtime.kind,
         "dtype": settings.dtype,
         "world_size": runtime.world,

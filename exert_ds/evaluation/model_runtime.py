@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from exert_ds.config import ModelConfig
+from exert_ds.errors import ConfigError
 from exert_ds.model.loading import load_model, load_tokenizer
 from exert_ds.runtime.dist import init_distributed, launched_world_size, shutdown_distributed
 from exert_ds.runtime.ds_config import load_ds_config
@@ -74,6 +75,16 @@ def inference_ds_config(path: str, world: int) -> dict[str, Any]:
     return ds
 
 
+def merge_adapter(model: torch.nn.Module, adapter: str) -> torch.nn.Module:
+    """`model` with the PEFT LoRA adapter in directory `adapter` merged (W += s·B·A, PEFT's merge_and_unload)."""
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise ConfigError(f"--adapter {adapter}: does not fit this model: {' '.join(str(err).split())[:300]}") from err
+
+
 def model_kind(path: str) -> str:
     if path.endswith(".gguf"):
         return "gguf"
@@ -86,8 +97,10 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def open_model(cfg: ModelConfig, deepspeed_config: str | None) -> Runtime:
-    """Load the model for evaluation: ZeRO-3 partitioned with `deepspeed_config`, else whole on this device."""
+def open_model(cfg: ModelConfig, deepspeed_config: str | None, adapter: str | None = None) -> Runtime:
+    """Load the model for evaluation: ZeRO-3 partitioned with `deepspeed_config`, else whole on this device. `adapter`
+    (not with ZeRO-3): a PEFT LoRA directory merged into the weights (dense: the promised sparsity no longer holds, so
+    none is reported); an adapter that does not fit the model raises a one-line ConfigError."""
     world = launched_world_size()
     ds = inference_ds_config(deepspeed_config, world) if deepspeed_config else None
     if world > 1 or ds is not None:
@@ -106,6 +119,8 @@ def open_model(cfg: ModelConfig, deepspeed_config: str | None) -> Runtime:
         tokenizer = load_tokenizer(cfg)
         model, keep_alive = load_model(cfg, ds)
     keep.append(keep_alive)
+    if adapter is not None:
+        model, promised = merge_adapter(model, adapter), None
     if ds is not None:
         engine, *_ = deepspeed.initialize(model=model, config=ds)
         keep.append(engine)

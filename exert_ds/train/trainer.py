@@ -33,6 +33,7 @@ from exert_ds.evaluation.sparsity import sparsity_report
 from exert_ds.model.architecture import geometry
 from exert_ds.model.loading import load_model, load_tokenizer
 from exert_ds.model.lora import attach_lora
+from exert_ds.prune.allocation import event_block_sparsities
 from exert_ds.prune.event import EventReport, PruneEvent, PruneState
 from exert_ds.prune.pattern import pattern_problem
 from exert_ds.prune.recovery import mask_adapters, merge_masked, unmask_adapters
@@ -54,6 +55,7 @@ from exert_ds.storage.export import export_expert
 from exert_ds.train.event_adapters import EventAdapterWriter
 
 EVENTS_LOG = "events.jsonl"  # per event: sparsity, mask_change and PBS error reduction per role, seconds
+EVENT_EXPERTS = "event_experts"  # train.save_event_experts: output_dir/event_experts/event-K
 
 
 class Logger:
@@ -267,6 +269,8 @@ def run_event(session: Session, planned: PlannedEvent, step: int) -> EventReport
     report = session.events.run(session.calibration, planned.sparsity, pbs=planned.pbs, ema=planned.ema)
     if session.adapter_writer is not None:
         session.adapter_writer.write()
+    if session.cfg.train.save_event_experts:
+        save_event_expert(session, report.event, planned.sparsity)
     scalars = {**report.scalars(), "event/sparsity_target": planned.sparsity}
     session.logger.scalars(scalars, step)
     held = sum(r.held for r in report.roles.values())
@@ -284,6 +288,32 @@ def run_event(session: Session, planned: PlannedEvent, step: int) -> EventReport
                 log.write(json.dumps(record) + "\n")
     shared.share()
     return report
+
+
+def event_expert_dir(output_dir: str | Path, event: int) -> Path:
+    return Path(output_dir) / EVENT_EXPERTS / f"event-{event}"
+
+
+def save_event_expert(session: Session, event: int, sparsity: float) -> Path:
+    """Collective. `train.save_event_experts`: the model right after event `event` (merged, masked, B = 0) as a sparse
+    expert in output_dir/event_experts/event-K, promising the event's sparsity `sparsity` (per block under an OWL
+    allocation); a re-run event (after a resume) replaces it."""
+    prune, allocation = session.cfg.prune, session.events.state.allocation
+    blocks = None
+    if allocation is not None:
+        blocks = event_block_sparsities(allocation, prune.sparsity, sparsity, len(allocation))
+    out = write_expert(
+        session.engine.module,
+        session.tokenizer,
+        event_expert_dir(session.out_dir, event),
+        sparsity,
+        prune.n,
+        prune.m,
+        base_model=base_model_fingerprint(session.cfg.model),
+        block_sparsity=blocks,
+    )
+    session.logger.line(f"wrote {out} (the model after prune event {event})")
+    return out
 
 
 def held_out_perplexity(session: Session) -> float | None:
