@@ -92,6 +92,9 @@ def test_table_writes_the_summary_and_plot_from_a_raw_file(tmp_path):
         cells[f"d{s}"] = cell("dense_lora", 0.0, s, 8.0, GOLD)
         cells[f"x{s}"] = cell("foresight_pbs_hessian", 0.5, s, 10.0 + s, GOLD)
         cells[f"g{s}"] = cell("lora_then_sparsegpt", 0.5, s, 10.5 + s, ["a"] * 100)
+    # run_all.py --trace-events: the stages before and after each event, in any order in the raw file
+    stages = {"after-1": 9.5, "before-0": 8.5, "after-0": 9.0, "before-1": 8.75}
+    cells["x0"]["trace"] = {k: result({"medquad_qtype": (GOLD, GOLD)}, v) for k, v in stages.items()}
     raw = {"date": "d", "command": "c", "device": "cpu", "gpus": 0, "jobs_per_gpu": 1, "seconds": 1.0,
            "seeds": [0, 1], "versions": {}, "cells": cells}  # fmt: skip
     (tmp_path / "raw.json").write_text(json.dumps(raw))
@@ -110,7 +113,12 @@ def test_table_writes_the_summary_and_plot_from_a_raw_file(tmp_path):
     assert verdict["domain_ppl"] is True and verdict["loses_domain_ppl"] is False
     assert verdict["domain_task_mean"] is True and verdict["loses_domain_task_mean"] is False
     assert (tmp_path / "quality_relative.png").stat().st_size > 1000
-    assert "seed means and every seed" in (tmp_path / "quality.md").read_text()
+    markdown = (tmp_path / "quality.md").read_text()
+    assert "seed means and every seed" in markdown
+    trace = markdown.split("## Before and after each event")[1].split("\n## ")[0]
+    rows = [line.split(" | ")[0].removeprefix("| ") for line in trace.splitlines() if line.startswith("| ")][1:]
+    assert rows == ["before-0", "after-0", "before-1", "after-1", "final"]
+    assert "| after-1 | 1.000 (0.500) | 9.50 |" in trace
 
 
 def test_merge_raw_keeps_every_cell_later_leases_win_and_lists_the_leases():

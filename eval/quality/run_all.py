@@ -10,6 +10,11 @@ commands, seconds) and OUT/logs.tar.gz.
 
   python3 eval/quality/run_all.py --out $OUT --gpus 2 --per-gpu 4 --deadline-s 480 --seeds 0,1,2
 then  python3 eval/quality/table.py $OUT/quality_raw.json   (writes eval/results/quality.md + quality.json)
+
+--trace-events (issue 20.3: which step loses a skill): the trained methods also keep the model after each event
+(train.save_event_experts) and each event's adapter (train.save_event_adapters), and every cell evaluates, besides
+its final model, the model after event K (trace/after-K.json) and the one event K started from (event K−1's expert, or
+the base model, with event K's adapter merged: trace/before-K.json); table.py tabulates them.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import shlex
 import subprocess
 import sys
 import tarfile
@@ -64,10 +70,16 @@ class Job:
     command: list[str]
     model_dir: Path
     needs: str | None = None
+    trace: bool = False  # --trace-events: evaluate the model before and after every event too
     result: dict = field(default_factory=dict)
 
 
-def jobs_for(domain: str, seed: int, sparsities: list[float], methods: list[str], extra: list[str]) -> list[Job]:
+TRACE_SETS = ["train.save_event_experts=true", "train.save_event_adapters=true"]
+
+
+def jobs_for(
+    domain: str, seed: int, sparsities: list[float], methods: list[str], extra: list[str], trace: bool = False
+) -> list[Job]:
     """The jobs of one domain and seed; names carry both (e.g. health-foresight_pbs_hessian-0.5-s1)."""
     config = str(HERE / f"{domain}.yaml")
     out: list[Job] = []
@@ -81,8 +93,8 @@ def jobs_for(domain: str, seed: int, sparsities: list[float], methods: list[str]
     for sparsity in sparsities:
         for method in (m for m in methods if m in TRAINED):
             name = f"{domain}-{method}-{sparsity}-s{seed}"
-            sets = [f"prune.sparsity={sparsity}", *TRAINED[method]]
-            out.append(Job(name, domain, method, sparsity, seed, run("train", name, sets), RUNS / name))
+            sets = [f"prune.sparsity={sparsity}", *TRAINED[method], *(TRACE_SETS if trace else [])]
+            out.append(Job(name, domain, method, sparsity, seed, run("train", name, sets), RUNS / name, trace=trace))
         for method in (m for m in methods if m in ONE_SHOT):
             name = f"{domain}-{method}-{sparsity}-s{seed}"
             sets = [
@@ -95,22 +107,49 @@ def jobs_for(domain: str, seed: int, sparsities: list[float], methods: list[str]
     return out
 
 
-def eval_command(job: Job, args: argparse.Namespace) -> list[str]:
+def eval_command(job: Job, args: argparse.Namespace, model: str | None = None, out: str | None = None) -> list[str]:
+    """The evaluation of the job's final model (or of `model` into `out`: the event trace, whose experts carry their
+    own promise and whose merged adapters have none)."""
     held = DATA / "heldout"
     command = [
-        sys.executable, "-m", "exert_ds", "eval", "--model", str(job.model_dir / "final"),
+        sys.executable, "-m", "exert_ds", "eval", "--model", model or str(job.model_dir / "final"),
         "--tasks", TASKS[job.domain], "--data-dir", str(DATA / "eval"),
         "--perplexity", f"{job.domain}={held / f'{job.domain}.jsonl.gz'}",
         "--perplexity", f"general={held / 'general.jsonl.gz'}",
         "--max-examples", str(args.max_examples), "--max-length", "512", "--micro-batch", str(args.eval_batch),
         "--window", "512", "--max-windows", str(args.max_windows), "--dtype", "bfloat16",
-        "--out", str(job.model_dir / "eval.json"), "--save-scores",
+        "--out", out or str(job.model_dir / "eval.json"), "--save-scores",
     ]  # fmt: skip
     if job.domain == "legal":
         command += ["--task-data", f"license_category={DATA / 'eval' / 'licenses'}"]
-    if job.sparsity:
+    if job.sparsity and model is None:
         command += ["--expect-sparsity", str(job.sparsity)]
     return command
+
+
+def base_model(domain: str) -> Path:
+    """The model the domain's YAML trains from (its path is relative to the YAML)."""
+    import yaml
+
+    return (HERE / yaml.safe_load((HERE / f"{domain}.yaml").read_text())["model"]["name_or_path"]).resolve()
+
+
+def trace_script(job: Job, args: argparse.Namespace) -> str:
+    """bash: for every event K the run kept, evaluate event_experts/event-K into trace/after-K.json, and event K−1's
+    expert (the base model for K = 0) with event_adapters/event-K merged (`--adapter`) into trace/before-K.json."""
+    experts, adapters, trace = (job.model_dir / d for d in ("event_experts", "event_adapters", "trace"))
+
+    def run(model: str, out: str, adapter: str | None = None) -> str:  # the three may hold shell variables
+        line = shlex.join([*eval_command(job, args, "@MODEL@", "@OUT@"), *(["--adapter", "@ADAPTER@"] if adapter else [])])
+        return line.replace("@MODEL@", f'"{model}"').replace("@OUT@", f'"{out}"').replace("@ADAPTER@", f'"{adapter}"')
+
+    base = shlex.quote(str(base_model(job.domain)))
+    return (
+        f"mkdir -p {trace} && for k in $(ls {experts} | sed 's/event-//' | sort -n); do "
+        f"{run(f'{experts}/event-$k', f'{trace}/after-$k.json')} && "
+        f"if [ $k -eq 0 ]; then prev={base}; else prev={experts}/event-$((k-1)); fi && "
+        f"{run('$prev', f'{trace}/before-$k.json', f'{adapters}/event-$k')} || exit 1; done"
+    )
 
 
 def event_scalars(run_dir: Path) -> dict[str, list[list[float]]]:
@@ -134,6 +173,8 @@ def event_scalars(run_dir: Path) -> dict[str, list[list[float]]]:
 def run_job(job: Job, slot: int, args: argparse.Namespace, logs: Path) -> subprocess.Popen:
     """Train/prune, then evaluate, in one shell so the slot is held until both are done."""
     script = " && ".join(" ".join(f"'{a}'" for a in command) for command in (job.command, eval_command(job, args)))
+    if job.trace:
+        script += " && " + trace_script(job, args)
     log = (logs / f"{job.name}.log").open("w")
     return subprocess.Popen(["bash", "-c", script], cwd=REPO, env=single_process_env(slot, args.gpus, args.threads, 29600), stdout=log, stderr=log)
 
@@ -155,6 +196,7 @@ def main() -> None:
     parser.add_argument("--eval-batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=4)
     parser.add_argument("--set", action="append", default=[], help="extra --set for every run (smoke tests)")
+    parser.add_argument("--trace-events", action="store_true", help="also evaluate before and after every event")
     args = parser.parse_args()
     started = time.monotonic()
     logs = args.out / "logs"
@@ -165,7 +207,12 @@ def main() -> None:
     unknown = sorted(set(methods) - set(DEFAULT_METHODS))
     if unknown:
         parser.error(f"--methods: unknown {unknown}; known: {', '.join(DEFAULT_METHODS)}")
-    queue = [j for s in seeds for d in args.domains.split(",") for j in jobs_for(d, s, sparsities, methods, args.set)]
+    queue = [
+        j
+        for s in seeds
+        for d in args.domains.split(",")
+        for j in jobs_for(d, s, sparsities, methods, args.set, args.trace_events)
+    ]
     skip = {(m, float(p)) for m, _, p in (c.partition("@") for c in args.skip.split(",") if c)}
     queue = [j for j in queue if (j.method, j.sparsity) not in skip]
     if args.only:
@@ -223,6 +270,14 @@ def collect(job: Job) -> None:
     if job.result.get("returncode") == 0 and evaluation.is_file():
         job.result["eval"] = json.loads(evaluation.read_text())
         job.result["events"] = event_scalars(job.model_dir)
+        if job.trace:  # stage (after-K, before-K) → tasks (predictions kept, log-likelihoods dropped) and perplexity
+            job.result["trace"] = {p.stem: trace_entry(p) for p in sorted((job.model_dir / "trace").glob("*.json"))}
+
+
+def trace_entry(path: Path) -> dict:
+    result = json.loads(path.read_text())
+    tasks = {t: {k: v for k, v in r.items() if k != "loglik"} for t, r in result["tasks"].items()}
+    return {"tasks": tasks, "perplexity": result["perplexity"]}
 
 
 def write_raw(args: argparse.Namespace, done: dict[str, Job], logs: Path, seconds: float) -> None:

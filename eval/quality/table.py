@@ -204,6 +204,34 @@ def domain_tables(raw: dict, domain: str, sparsity: float, metric: str) -> tuple
     return compare(rows, "dense_lora", metric)
 
 
+def trace_stages(trace: dict) -> list[str]:
+    """before-0, after-0, before-1, … (run_all.py --trace-events' stage names) in the order the run went through."""
+    return sorted(trace, key=lambda s: (int(s.split("-")[1]), s.startswith("after")))
+
+
+def trace_lines(raw: dict) -> list[str]:
+    """Markdown: per cell run with --trace-events, each task's accuracy (majority rate beside it) and the domain
+    perplexity before and after every event, then the final model (after any recovery)."""
+    traced = {n: c for n, c in sorted(raw["cells"].items()) if c.get("trace") and "eval" in c}
+    if not traced:
+        return []
+    lines = ["", "## Before and after each event (run_all.py --trace-events)", ""]
+    lines += ["before-K: the model event K started from (event K−1's expert, or the base model, with the adapter "
+              "event K merged); after-K: the model right after event K; final: the run's final model.", ""]
+    for name, cell in traced.items():
+        stages = {s: cell["trace"][s] for s in trace_stages(cell["trace"])} | {"final": cell["eval"]}
+        tasks = sorted(cell["eval"]["tasks"])
+        domain = cell["domain"]
+        lines += [f"### {name}", "", "| stage | " + " | ".join(f"{t} acc (majority)" for t in tasks)
+                  + f" | {domain} ppl |", "|---|" + "---:|" * (len(tasks) + 1)]
+        for stage, result in stages.items():
+            cells = [f"{result['tasks'][t]['accuracy']:.3f} ({result['tasks'][t]['majority_accuracy']:.3f})"
+                     for t in tasks]
+            lines.append(f"| {stage} | " + " | ".join(cells) + f" | {result['perplexity'][domain]['perplexity']:.2f} |")
+        lines.append("")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("raw", type=Path)
@@ -271,6 +299,7 @@ def main() -> None:
         lines += ["| run | event step | mean over roles | max over roles |", "|---|---:|---:|---:|"]
         for name, rows in shadows.items():
             lines += [f"| {name} | {step:.0f} | {mean:.2e} | {top:.2e} |" for step, mean, top in rows]
+    lines += trace_lines(raw)
     failed = {n: c["returncode"] for n, c in raw["cells"].items() if "eval" not in c}
     lines += ["", "## Cells without a result", ""]
     lines += [f"- {n}: {why}" for n, why in sorted(failed.items())] or ["- none"]
