@@ -6,6 +6,7 @@
 #   call 1 (carry .stage/a):               mkdir -p /root/m && cp .stage/a/part_aa /root/m/
 #   call 2 (carry .stage/b .whl):          bash eval/quality/gpu_detached.sh stage
 #   call 3 (carry .stage/qd):              METHODS=... SPARSITIES=0.5,0.4 SKIP=... DEADLINE=1400 bash eval/quality/gpu_detached.sh start
+#                                          (TRACE=1: run_all.py --trace-events, the model before and after every event)
 #   calls 4..: (no carry)                  bash eval/quality/gpu_detached.sh wait 560   (the last one also collects)
 # `wait` copies quality_raw.json.gz, logs.tar.gz and run_all.log to $OUT whenever it returns.
 set -uo pipefail
@@ -24,7 +25,7 @@ case ${1:-} in
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc
     setsid nohup python3 eval/quality/run_all.py --out $Q --gpus "${GPUS:-1}" --per-gpu "${PER_GPU:-9}" \
       --deadline-s "${DEADLINE:-1400}" --seeds "${SEEDS:-0,1,2}" --sparsities "${SPARSITIES:-0.5,0.4}" \
-      --methods "$METHODS" --skip "${SKIP:-}" > $Q/run_all.log 2>&1 < /dev/null &
+      --methods "$METHODS" --skip "${SKIP:-}" ${TRACE:+--trace-events} > $Q/run_all.log 2>&1 < /dev/null &
     sleep 20; tail -3 $Q/run_all.log ;;
   wait)
     end=$(( $(date +%s) + ${2:-560} ))
