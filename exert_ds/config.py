@@ -419,6 +419,11 @@ def _check_pruning(cfg: RunConfig) -> None:
         f"prune.sparsity {p.sparsity}: need 2·owl_lambda <= sparsity and sparsity + 2·owl_lambda < 1",
     )
     _check(
+        not (cfg.train.save_event_experts and not p.enabled),
+        "config key 'train.save_event_experts' keeps the model after each prune event, but 'prune.enabled' is false: "
+        "there are no events; drop save_event_experts or enable pruning",
+    )
+    _check(
         not (cfg.pbs.at_final and cfg.pbs.mode == "off"),
         "config key 'pbs.at_final' asks for PBS at the final event but 'pbs.mode' is off: set a mode or drop at_final",
     )

@@ -24,7 +24,7 @@ from tests.tiny_models import calibration_ids, tiny_lora_model
 
 
 def owl_reference(ratios: list[float], sparsity: float, lam: float) -> list[float]:
-    """OWL's allocation as its code writes it (lib/prune.py, prune_wanda_outlier): densities rescaled to [0, 2λ],
+    """OWL's allocation as its code writes it (lib/prune_all.py, prune_wanda_outlier): densities rescaled to [0, 2λ],
     shifted to mean 1 − p; a block's sparsity is 1 − its density."""
     d = np.array(ratios)
     d = (d - d.min()) * (1 / (d.max() - d.min()) * lam * 2)
@@ -89,7 +89,8 @@ def test_outlier_ratios_equal_a_plain_forward():
 @pytest.mark.parametrize("case", ["foresight:hessian:owl", "sparsegpt:off:owl", "wanda:off:owl"])
 def test_every_row_loses_its_blocks_share_and_the_allocation_is_kept(case, monkeypatch):
     """After an owl event each pruned row of block l holds exactly ⌊s_l·in⌋ zeros; the blocks differ and average to
-    p; a second event (EMA on) at a ramp point p_e reuses the allocation (no second pre-pass) at p_e·s_l/p."""
+    p; the first event, at a ramp point p_e = 0.25, prunes block l at p_e·s_l/p, and the second, at the target,
+    reuses the allocation (no second pre-pass) at s_l."""
     model = tiny_lora_model("llama-63", layers=3)
     cfg = case_config(case)
     event = PruneEvent(model, DenseBackend(), cfg)
@@ -151,4 +152,5 @@ def test_uniform_allocation_leaves_the_fingerprint_alone(tmp_path):
 
     uniform = fingerprint()
     assert fingerprint(owl_lambda=0.1) == uniform
-    assert fingerprint(allocation="owl") != uniform != fingerprint(allocation="owl", owl_threshold=3.0)
+    owl = fingerprint(allocation="owl")
+    assert owl != uniform and owl != fingerprint(allocation="owl", owl_threshold=3.0)

@@ -1,7 +1,7 @@
 """prune.allocation owl through the trainer on 2 ranks (issue 20 d): with masked recovery after the final event, the
-exported expert keeps exactly ⌊s_l·in⌋ zeros in every row of block l (s_l the allocation the checkpoint recorded,
-also the expert's per-block promise), and a run resumed after the first event reuses the recorded allocation: its
-later checkpoints are bit-identical to the uninterrupted run's. (2 ranks against 1 for the event itself:
+exported expert keeps exactly ⌊s_l·in⌋ zeros in every row of block l (s_l the allocation the checkpoint recorded and
+the log printed, also the expert's per-block promise), and a run resumed after the first event reuses the recorded
+allocation (it measures none) and writes checkpoints bit-identical to the uninterrupted run's. (2 ranks against 1 for the event itself:
 test_zero3_event.py's every-registered-scorer test, owl cases included.)"""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import pytest
 from safetensors.torch import load_file
 
 from tests.event_compare import OWL_TEST_THRESHOLD
+from tests.fixtures import save_tiny_model_dir
 from tests.launch import deepspeed_cpu
 from tests.test_checkpoint import assert_same_checkpoints, fresh_checkpoints, train_args
 from tests.test_recovery_distributed import recovery_yaml
@@ -30,12 +31,16 @@ def test_owl_training_keeps_each_blocks_zeros_and_resumes_with_the_same_allocati
         prune={**prune, "recovery_steps": 2},
         train={"max_steps": 4, "save_every_steps": 1, "keep_checkpoints": 20},
     )
+    save_tiny_model_dir(tmp_path / "model", layers=3)  # 3 blocks: the middle one's sparsity depends on the ratios
     first = deepspeed_cpu(train_args(config), ranks=2).stdout
+    measured = "prune event 0: OWL allocation measured, block sparsities at the target: "
+    assert measured in first and "OWL allocation measured" not in first.split(measured)[1]
     root = tmp_path / "run" / "checkpoints"
     position = json.loads((root / "step-00000002-event-001" / "manifest.json").read_text())["position"]
     allocation = position["allocation"]
-    assert len(allocation) == 2 and allocation[0] != allocation[1]
-    assert sum(allocation) / 2 == pytest.approx(0.5, abs=1e-12)
+    assert len(allocation) == 3 and len(set(allocation)) == 3
+    assert sum(allocation) / 3 == pytest.approx(0.5, abs=1e-12)
+    assert first.split(measured)[1].split("\n")[0] == ", ".join(f"{s:.4f}" for s in allocation)
     manifest = json.loads((tmp_path / "run" / "expert" / "expert_manifest.json").read_text())
     assert manifest["promise"]["blocks"] == allocation
     for name, w in pruned_matrices(load_file(tmp_path / "run" / "final" / "model.safetensors")).items():
@@ -46,6 +51,7 @@ def test_owl_training_keeps_each_blocks_zeros_and_resumes_with_the_same_allocati
     shutil.copytree(root, reference)
     fresh_checkpoints(reference, root, "step-00000002-event-001")
     resumed = deepspeed_cpu(train_args(config, "--resume", "auto"), ranks=2).stdout
+    assert "OWL allocation measured" not in resumed
     assert loss_lines(resumed) == loss_lines(first)[2:]
     later = sorted(p.name for p in reference.glob("step-*") if p.name > "step-00000002-event-001")
     assert "step-00000004-event-002" in later

@@ -112,7 +112,8 @@ def eval_command(job: Job, args: argparse.Namespace, model: str | None = None, o
     own promise and whose merged adapters have none)."""
     held = DATA / "heldout"
     command = [
-        sys.executable, "-m", "exert_ds", "eval", "--model", model or str(job.model_dir / "final"),
+        sys.executable, "-m", "exert_ds", "eval",
+        "--model", model or str(job.model_dir / ("expert" if owl(job.method) else "final")),
         "--tasks", TASKS[job.domain], "--data-dir", str(DATA / "eval"),
         "--perplexity", f"{job.domain}={held / f'{job.domain}.jsonl.gz'}",
         "--perplexity", f"general={held / 'general.jsonl.gz'}",
@@ -122,34 +123,47 @@ def eval_command(job: Job, args: argparse.Namespace, model: str | None = None, o
     ]  # fmt: skip
     if job.domain == "legal":
         command += ["--task-data", f"license_category={DATA / 'eval' / 'licenses'}"]
-    if job.sparsity and model is None:
+    if job.sparsity and model is None and not owl(job.method):  # an OWL expert promises per block: its manifest
         command += ["--expect-sparsity", str(job.sparsity)]
     return command
 
 
-def base_model(domain: str) -> Path:
-    """The model the domain's YAML trains from (its path is relative to the YAML)."""
+def owl(method: str) -> bool:
+    """Whether the method allocates the sparsity over blocks (prune.allocation owl): its model is evaluated as the
+    sparse expert, whose manifest promises each block's own sparsity."""
+    return "prune.allocation=owl" in TRAINED.get(method, ONE_SHOT.get(method, []))
+
+
+def base_model(domain: str, sets: list[str]) -> Path:
+    """The model the domain's YAML trains from (its path is relative to the YAML), or the last --set
+    model.name_or_path= among `sets`."""
     import yaml
 
+    override = [item.split("=", 1)[1] for item in sets if item.startswith("model.name_or_path=")]
+    if override:
+        return Path(override[-1]).resolve()
     return (HERE / yaml.safe_load((HERE / f"{domain}.yaml").read_text())["model"]["name_or_path"]).resolve()
 
 
 def trace_script(job: Job, args: argparse.Namespace) -> str:
-    """bash: for every event K the run kept, evaluate event_experts/event-K into trace/after-K.json, and event K−1's
-    expert (the base model for K = 0) with event_adapters/event-K merged (`--adapter`) into trace/before-K.json."""
-    experts, adapters, trace = (job.model_dir / d for d in ("event_experts", "event_adapters", "trace"))
+    """bash, run after the cell's own evaluation: for every event K the run kept, evaluate event_experts/event-K into
+    trace/after-K.json, and event K−1's expert (the base model for K = 0) with event_adapters/event-K merged
+    (`--adapter`) into trace/before-K.json. A failure leaves trace/FAILED and the cell's own result stands."""
+    folders = {v: shlex.quote(str(job.model_dir / d)) for v, d in (("E", "event_experts"), ("A", "event_adapters"))}
+    folders |= {"T": shlex.quote(str(job.model_dir / "trace")), "B": shlex.quote(str(base_model(job.domain, args.set)))}
 
-    def run(model: str, out: str, adapter: str | None = None) -> str:  # the three may hold shell variables
+    def run(model: str, out: str, adapter: str | None = None) -> str:  # shell expressions, expanded in double quotes
         line = shlex.join([*eval_command(job, args, "@MODEL@", "@OUT@"), *(["--adapter", "@ADAPTER@"] if adapter else [])])
         return line.replace("@MODEL@", f'"{model}"').replace("@OUT@", f'"{out}"').replace("@ADAPTER@", f'"{adapter}"')
 
-    base = shlex.quote(str(base_model(job.domain)))
-    return (
-        f"mkdir -p {trace} && for k in $(ls {experts} | sed 's/event-//' | sort -n); do "
-        f"{run(f'{experts}/event-$k', f'{trace}/after-$k.json')} && "
-        f"if [ $k -eq 0 ]; then prev={base}; else prev={experts}/event-$((k-1)); fi && "
-        f"{run('$prev', f'{trace}/before-$k.json', f'{adapters}/event-$k')} || exit 1; done"
+    loop = (
+        'mkdir -p "$T" && for k in $(ls "$E" | sed "s/event-//" | sort -n); do '
+        f"{run('$E/event-$k', '$T/after-$k.json')} && "
+        'if [ "$k" -eq 0 ]; then prev="$B"; else prev="$E/event-$((k-1))"; fi && '
+        f"{run('$prev', '$T/before-$k.json', '$A/event-$k')} || exit 1; done"
     )
+    assign = " ".join(f"{v}={q};" for v, q in folders.items())
+    return f'{{ ( {assign} {loop} ) || touch {folders["T"]}/FAILED; }}'
 
 
 def event_scalars(run_dir: Path) -> dict[str, list[list[float]]]:
@@ -241,6 +255,7 @@ def main() -> None:
             for job, proc, _ in running.values():
                 proc.kill()
                 job.result = {"returncode": "killed at the deadline"}
+                collect(job, killed=True)
                 done[job.name] = job
             running.clear()
             break
@@ -264,18 +279,27 @@ def main() -> None:
     write_raw(args, done, logs, time.monotonic() - started)
 
 
-def collect(job: Job) -> None:
-    """Add a finished job's evaluation and event scalars to its result (once, when it ends)."""
+def collect(job: Job, killed: bool = False) -> None:
+    """Add a finished job's evaluation and event scalars to its result (once, when it ends). A traced cell killed at
+    the deadline keeps its own evaluation when that had been written (the trace runs after it)."""
     evaluation = job.model_dir / "eval.json"
-    if job.result.get("returncode") == 0 and evaluation.is_file():
-        job.result["eval"] = json.loads(evaluation.read_text())
+    if (job.result.get("returncode") == 0 or (killed and job.trace)) and evaluation.is_file():
+        try:
+            job.result["eval"] = json.loads(evaluation.read_text())
+        except json.JSONDecodeError:  # killed while writing it
+            return
         job.result["events"] = event_scalars(job.model_dir)
         if job.trace:  # stage (after-K, before-K) → tasks (predictions kept, log-likelihoods dropped) and perplexity
-            job.result["trace"] = {p.stem: trace_entry(p) for p in sorted((job.model_dir / "trace").glob("*.json"))}
+            trace = job.model_dir / "trace"
+            job.result["trace"] = {p.stem: entry for p in sorted(trace.glob("*.json")) if (entry := trace_entry(p))}
+            job.result["trace_complete"] = not (trace / "FAILED").exists() and not killed
 
 
-def trace_entry(path: Path) -> dict:
-    result = json.loads(path.read_text())
+def trace_entry(path: Path) -> dict | None:
+    try:
+        result = json.loads(path.read_text())
+    except json.JSONDecodeError:  # killed while writing it
+        return None
     tasks = {t: {k: v for k, v in r.items() if k != "loglik"} for t, r in result["tasks"].items()}
     return {"tasks": tasks, "perplexity": result["perplexity"]}
 

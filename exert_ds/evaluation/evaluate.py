@@ -26,6 +26,7 @@ from exert_ds.data import DataSource, check_source_files
 from exert_ds.errors import ConfigError
 from exert_ds.evaluation.metrics import classification_report
 from exert_ds.evaluation.tasks import LICENSEDCODE, TASKS, get_task, licensedcode_records, load_task
+from exert_ds.storage.manifest import is_expert_dir, read_expert_manifest
 
 DEFAULT_DATA_DIR = "../shared/data"
 
@@ -219,6 +220,8 @@ def check_settings(settings: EvalSettings) -> None:
     if settings.adapter is not None:
         if settings.deepspeed:
             raise ConfigError("--adapter is merged into whole weights in each process: drop --deepspeed")
+        if settings.expect_sparsity is not None or settings.sparse_kernels:
+            raise ConfigError("--adapter makes the weights dense: drop --expect-sparsity and --sparse-kernels")
         if not (Path(settings.adapter) / "adapter_config.json").is_file():
             raise ConfigError(f"--adapter {settings.adapter}: not a PEFT adapter directory (no adapter_config.json)")
     if settings.expect_sparsity is not None and not 0 <= settings.expect_sparsity < 1:
@@ -229,6 +232,12 @@ def check_settings(settings: EvalSettings) -> None:
     looks_local = settings.model.startswith((".", "/", "~")) or settings.model.endswith(".gguf")
     if (looks_local or settings.model.count("/") > 1) and not model.exists():
         raise ConfigError(f"--model {settings.model} does not exist")
+    if settings.expect_sparsity is not None and is_expert_dir(model):
+        if read_expert_manifest(model)["promise"].get("blocks"):
+            raise ConfigError(
+                f"--expect-sparsity: {settings.model} promises one sparsity per block (OWL allocation), which its "
+                "manifest's promise checks: drop --expect-sparsity"
+            )
     if not Path(settings.out).parent.exists() and str(Path(settings.out).parent):
         raise ConfigError(f"--out {settings.out}: folder {Path(settings.out).parent} does not exist")
 

@@ -12,8 +12,9 @@ The allocation is measured once, at the first event, and kept (PruneState.alloca
 position) so that every event and every resume uses the same one. An event at the schedule's sparsity p_e (a ramp's
 point) prunes block l at p_e · s_l / p, so the allocation's shape holds along the ramp.
 
-Under ZeRO-3 each rank counts the elements it holds (E all-reduced first); the counts are summed in float64, so the
-ratios do not depend on the world size.
+Under ZeRO-3 each rank counts the elements it holds (E all-reduced first) and the counts are summed in float64: the
+ratios agree across world sizes up to rounding (an element within rounding of the threshold could count differently;
+a resume reads the recorded allocation, never measures it again).
 """
 
 from __future__ import annotations

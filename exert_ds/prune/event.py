@@ -37,7 +37,8 @@ from exert_ds.runtime.access import Backend, LinearAccess
 
 @dataclass
 class PruneState:
-    """What survives between events: the EMA score of every (block, role), over held elements only.
+    """What survives between events: the EMA score of every (block, role), over held elements only, and (OWL) the
+    block sparsities.
 
     Kept in host memory in `dtype` (prune.ema_dtype: float32, or bfloat16 at half the bytes; one value per held
     weight), and checkpointed as held, so a resume continues bit-identically: on the accelerator it would cost as
@@ -78,6 +79,7 @@ class EventReport:
     seconds: float = 0.0
     roles: dict[str, RoleReport] = field(default_factory=lambda: {r: RoleReport() for r in ROLES})
     shadow: bool = False  # prune.ema_shadow was on: report shadow_differs
+    allocation: list[float] | None = None  # prune.allocation owl: the block sparsities, when this event measured them
 
     def scalars(self) -> dict[str, float]:
         """Flat name → value for TensorBoard and logs."""
@@ -155,6 +157,7 @@ class PruneEvent:
                 self.model, self.backend, calibration_ids, cfg.calibration.micro_batch, cfg.prune.owl_threshold
             )
             self.state.allocation = owl_sparsities(ratios, cfg.prune.sparsity, cfg.prune.owl_lambda)
+            report.allocation = self.state.allocation
         per_block = event_block_sparsities(self.state.allocation, cfg.prune.sparsity, sparsity, len(layers))
         inputs = capture_block_inputs(self.model, calibration_ids, cfg.calibration.micro_batch)
         bar = tqdm(range(len(layers)), desc=f"prune event {event}", disable=not progress or self.backend.rank != 0)

@@ -166,7 +166,7 @@ def _manifest(
         WORLD_SIZE: world,
         MICRO_BATCH: engine.train_micro_batch_size_per_gpu(),
         TRAIN_BATCH_SIZE: engine.train_batch_size(),
-        POSITION: asdict(position),
+        POSITION: {k: v for k, v in asdict(position).items() if not (k == "allocation" and v is None)},  # as before OWL
         FINGERPRINT: fingerprint,
         "base_model": base_model,
         FIELD_TABLE: {field.key: field.table for field in fields},

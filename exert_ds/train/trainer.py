@@ -130,7 +130,7 @@ def prune_state(
     next event starts from the held values."""
     shadow: dict[str, torch.Tensor] | None = {} if cfg.prune.ema_shadow else None
     dtype = getattr(torch, cfg.prune.ema_dtype)
-    return PruneState(events_done, ema, dtype, shadow, allocation)
+    return PruneState(events_done=events_done, ema=ema, dtype=dtype, shadow=shadow, allocation=allocation)
 
 
 def build_session(cfg: RunConfig, with_training_data: bool, adapter: str | None = None) -> Session:
@@ -272,6 +272,9 @@ def run_event(session: Session, planned: PlannedEvent, step: int) -> EventReport
     if session.cfg.train.save_event_experts:
         save_event_expert(session, report.event, planned.sparsity)
     scalars = {**report.scalars(), "event/sparsity_target": planned.sparsity}
+    if report.allocation is not None:
+        blocks = ", ".join(f"{s:.4f}" for s in report.allocation)
+        session.logger.line(f"prune event {report.event}: OWL allocation measured, block sparsities at the target: {blocks}")
     session.logger.scalars(scalars, step)
     held = sum(r.held for r in report.roles.values())
     pruned = sum(r.pruned for r in report.roles.values())
@@ -282,6 +285,8 @@ def run_event(session: Session, planned: PlannedEvent, step: int) -> EventReport
     shared = SharedWrite()  # one JSON line per event, kept across resumes (a re-run event appears again)
     if dist.get_rank() == 0:
         record = {"event": report.event, "step": step, "ema_dtype": session.cfg.prune.ema_dtype, **scalars}
+        if report.allocation is not None:
+            record["owl_allocation"] = report.allocation
         with shared.catch(), write_errors(session.out_dir / EVENTS_LOG):
             session.out_dir.mkdir(parents=True, exist_ok=True)
             with (session.out_dir / EVENTS_LOG).open("a") as log:
