@@ -19,6 +19,8 @@ a resume reads the recorded allocation, never measures it again).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -54,7 +56,7 @@ def event_block_sparsities(allocation: list[float] | None, target: float, sparsi
     return [s * sparsity / target for s in allocation]
 
 
-def block_outlier_ratio(metrics: list[Tensor], threshold: float, all_reduce) -> float:
+def block_outlier_ratio(metrics: list[Tensor], threshold: float, all_reduce: Callable[[Tensor], Tensor]) -> float:
     """D of one block: the share of its held elements whose metric exceeds `threshold` × the block's mean metric.
 
     metrics: this process's held elements' Wanda metric per projection, each 1-D (elements held,); the sum and the
