@@ -25,7 +25,7 @@ case ${1:-} in
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc
     setsid nohup python3 eval/quality/run_all.py --out $Q --gpus "${GPUS:-1}" --per-gpu "${PER_GPU:-9}" \
       --deadline-s "${DEADLINE:-1400}" --seeds "${SEEDS:-0,1,2}" --sparsities "${SPARSITIES:-0.5,0.4}" \
-      --methods "$METHODS" --skip "${SKIP:-}" ${TRACE:+--trace-events} > $Q/run_all.log 2>&1 < /dev/null &
+      --methods "$METHODS" --skip "${SKIP:-}" $([ "${TRACE:-0}" = 1 ] && echo --trace-events) > $Q/run_all.log 2>&1 < /dev/null &
     sleep 20; tail -3 $Q/run_all.log ;;
   wait)
     end=$(( $(date +%s) + ${2:-560} ))
