@@ -10,6 +10,8 @@ import json
 import math
 import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 from safetensors.torch import load_file
@@ -41,6 +43,13 @@ def test_owl_training_keeps_each_blocks_zeros_and_resumes_with_the_same_allocati
     assert len(allocation) == 3 and len(set(allocation)) == 3
     assert sum(allocation) / 3 == pytest.approx(0.5, abs=1e-12)
     assert first.split(measured)[1].split("\n")[0] == ", ".join(f"{s:.4f}" for s in allocation)
+    shown = subprocess.run(
+        [sys.executable, "-m", "exert_ds", "inspect", str(root / "step-00000002-event-001")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "OWL block sparsities at the target: " + ", ".join(f"{s:.4f}" for s in allocation) in shown
     manifest = json.loads((tmp_path / "run" / "expert" / "expert_manifest.json").read_text())
     assert manifest["promise"]["blocks"] == allocation
     for name, w in pruned_matrices(load_file(tmp_path / "run" / "final" / "model.safetensors")).items():
@@ -52,6 +61,7 @@ def test_owl_training_keeps_each_blocks_zeros_and_resumes_with_the_same_allocati
     fresh_checkpoints(reference, root, "step-00000002-event-001")
     resumed = deepspeed_cpu(train_args(config, "--resume", "auto"), ranks=2).stdout
     assert "OWL allocation measured" not in resumed
+    assert "OWL allocation restored from the checkpoint: " + ", ".join(f"{s:.4f}" for s in allocation) in resumed
     assert loss_lines(resumed) == loss_lines(first)[2:]
     later = sorted(p.name for p in reference.glob("step-*") if p.name > "step-00000002-event-001")
     assert "step-00000004-event-002" in later

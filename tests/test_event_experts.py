@@ -91,6 +91,7 @@ def test_adapter_flag_errors(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     base = ["eval", "--model", str(tmp_path), "--perplexity", "medquad_answers", "--out", str(tmp_path / "r.json")]
     cases = [
+        (["--adapter", str(tmp_path / "absent")], f"--adapter {tmp_path / 'absent'} does not exist"),
         (["--adapter", str(tmp_path / "empty")], "not a PEFT adapter directory (no adapter_config.json)"),
         (["--adapter", str(tmp_path / "empty"), "--deepspeed", "x.json"], "drop --deepspeed"),
     ]

@@ -222,6 +222,8 @@ def check_settings(settings: EvalSettings) -> None:
             raise ConfigError("--adapter is merged into whole weights in each process: drop --deepspeed")
         if settings.expect_sparsity is not None or settings.sparse_kernels:
             raise ConfigError("--adapter makes the weights dense: drop --expect-sparsity and --sparse-kernels")
+        if not Path(settings.adapter).exists():
+            raise ConfigError(f"--adapter {settings.adapter} does not exist")
         if not (Path(settings.adapter) / "adapter_config.json").is_file():
             raise ConfigError(f"--adapter {settings.adapter}: not a PEFT adapter directory (no adapter_config.json)")
     if settings.expect_sparsity is not None and not 0 <= settings.expect_sparsity < 1:

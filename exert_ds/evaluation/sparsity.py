@@ -80,7 +80,7 @@ def check_promise(report: dict, promised: float | list[float], tolerance: float 
             low = math.floor(p * width) / width
             if not (low - 1e-9 <= measured <= p + tolerance):
                 failures.append(f"block {block} {role}: {measured:.4f}" + (f" (promised {p:.4f})" if owl else ""))
-    result = {"promised": sum(per_block) / len(per_block) if owl else promised, "tolerance": tolerance}
+    result = {"promised": round(sum(per_block) / len(per_block), 12) if owl else promised, "tolerance": tolerance}
     if owl:
         result["blocks"] = list(per_block)
     return result | {"passed": not failures, "failures": failures}

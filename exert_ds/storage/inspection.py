@@ -95,6 +95,8 @@ def describe_checkpoint(path: Path) -> tuple[list[str], str | None]:
         f"{position['events_done']}, world size {world}, format {manifest['format']}, config fingerprint "
         f"{manifest['config_fingerprint'][:12]}",
     ]
+    if position.get("allocation"):  # prune.allocation owl
+        lines.append("  OWL block sparsities at the target: " + ", ".join(f"{s:.4f}" for s in position["allocation"]))
     lines += _base_model_line(manifest.get("base_model"))
     bad = damaged_files(path, manifest)
     rank_files = [checkpoint_rank_file(r) for r in range(world)]

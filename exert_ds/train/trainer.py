@@ -269,12 +269,14 @@ def run_event(session: Session, planned: PlannedEvent, step: int) -> EventReport
     report = session.events.run(session.calibration, planned.sparsity, pbs=planned.pbs, ema=planned.ema)
     if session.adapter_writer is not None:
         session.adapter_writer.write()
+    if report.allocation is not None:
+        blocks = ", ".join(f"{s:.4f}" for s in report.allocation)
+        session.logger.line(
+            f"prune event {report.event}: OWL allocation measured, block sparsities at the target: {blocks}"
+        )
     if session.cfg.train.save_event_experts:
         save_event_expert(session, report.event, planned.sparsity)
     scalars = {**report.scalars(), "event/sparsity_target": planned.sparsity}
-    if report.allocation is not None:
-        blocks = ", ".join(f"{s:.4f}" for s in report.allocation)
-        session.logger.line(f"prune event {report.event}: OWL allocation measured, block sparsities at the target: {blocks}")
     session.logger.scalars(scalars, step)
     held = sum(r.held for r in report.roles.values())
     pruned = sum(r.pruned for r in report.roles.values())
@@ -415,6 +417,9 @@ def train(cfg: RunConfig, resume: str | None = None, adapter: str | None = None,
         position, ema = load_checkpoint(engine, found, cfg.fingerprint(), base_model)
         session.events.state = prune_state(cfg, position.events_done, ema, position.allocation)
         logger.line(f"resumed from {found} at step {position.step}")
+        if position.allocation is not None:
+            blocks = ", ".join(f"{s:.4f}" for s in position.allocation)
+            logger.line(f"OWL allocation restored from the checkpoint: {blocks}")
     else:
         position = replace(position, dense_perplexity=held_out_perplexity(session))  # B = 0: the dense model
     accumulation = engine.gradient_accumulation_steps()
