@@ -1,7 +1,8 @@
 """prune.allocation owl through the trainer on 2 ranks (issue 20 d): with masked recovery after the final event, the
 exported expert keeps exactly ⌊s_l·in⌋ zeros in every row of block l (s_l the allocation the checkpoint recorded and
 the log printed, also the expert's per-block promise), and a run resumed after the first event reuses the recorded
-allocation (it measures none) and writes checkpoints bit-identical to the uninterrupted run's. (2 ranks against 1 for the event itself:
+allocation (it measures none) and writes checkpoints bit-identical to the uninterrupted run's; 1 rank gives the same
+allocation, masks and weights (1e-5) after each event and at the end. (2 ranks against 1 for the event itself:
 test_zero3_event.py's every-registered-scorer test, owl cases included.)"""
 
 from __future__ import annotations
@@ -12,10 +13,13 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
+from exert_ds.storage.expert import expert_tensors
 from tests.event_compare import OWL_TEST_THRESHOLD
 from tests.fixtures import save_tiny_model_dir
 from tests.launch import deepspeed_cpu
@@ -26,14 +30,27 @@ from tests.test_train import loss_lines, pruned_matrices
 pytestmark = pytest.mark.distributed
 
 
-def test_owl_training_keeps_each_blocks_zeros_and_resumes_with_the_same_allocation(tmp_path):
+def owl_config(tmp: Path) -> Path:
     prune = {"sparsity": 0.5, "every_steps": 2, "allocation": "owl", "owl_threshold": OWL_TEST_THRESHOLD}
     config = recovery_yaml(
-        tmp_path,
+        tmp,
         prune={**prune, "recovery_steps": 2},
-        train={"max_steps": 4, "save_every_steps": 1, "keep_checkpoints": 20},
+        train={"max_steps": 4, "save_every_steps": 1, "keep_checkpoints": 20, "save_event_experts": True},
     )
-    save_tiny_model_dir(tmp_path / "model", layers=3)  # 3 blocks: the middle one's sparsity depends on the ratios
+    save_tiny_model_dir(tmp / "model", layers=3)  # 3 blocks: the middle one's sparsity depends on the ratios
+    return config
+
+
+def assert_same_masks_and_close(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for name, w in want.items():
+        if name.endswith("proj.weight"):
+            assert torch.equal(got[name] == 0, w == 0), name
+            assert float((got[name] - w).norm() / w.norm()) <= 1e-5, name
+
+
+def test_owl_training_keeps_each_blocks_zeros_and_resumes_with_the_same_allocation(tmp_path):
+    config = owl_config(tmp_path)
     first = deepspeed_cpu(train_args(config), ranks=2).stdout
     measured = "prune event 0: OWL allocation measured, block sparsities at the target: "
     assert measured in first and "OWL allocation measured" not in first.split(measured)[1]
@@ -66,3 +83,15 @@ def test_owl_training_keeps_each_blocks_zeros_and_resumes_with_the_same_allocati
     later = sorted(p.name for p in reference.glob("step-*") if p.name > "step-00000002-event-001")
     assert "step-00000004-event-002" in later
     assert_same_checkpoints(reference, root, later)
+    # 1 rank: the same allocation, masks and weights (the same global batches: recovery_yaml fixes them)
+    (tmp_path / "one").mkdir()
+    one = owl_config(tmp_path / "one")
+    deepspeed_cpu(train_args(one), ranks=1)
+    root_one = tmp_path / "one" / "run" / "checkpoints"
+    position_one = json.loads((root_one / "step-00000002-event-001" / "manifest.json").read_text())["position"]
+    assert position_one["allocation"] == pytest.approx(allocation, abs=1e-12)
+    final = "run/final/model.safetensors"
+    assert_same_masks_and_close(load_file(tmp_path / "one" / final), load_file(tmp_path / final))
+    for event in ("event-0", "event-1"):
+        got = dict(expert_tensors(tmp_path / "one" / "run" / "event_experts" / event))
+        assert_same_masks_and_close(got, dict(expert_tensors(tmp_path / "run" / "event_experts" / event)))

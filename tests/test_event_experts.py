@@ -2,7 +2,7 @@
 each merge, to find the step that loses a skill). On 2 ranks: the expert written after the final event holds exactly
 the final expert's tensors; the first event's expert keeps ⌊p·in⌋ zeros per row; event 0's expert evaluated with
 event 1's adapter (`--adapter`) scores as the same weights merged by hand (W + (α/r)·B·A) and saved as a Hugging
-Face directory."""
+Face directory, on 1 process and on 2 ranks alike."""
 
 from __future__ import annotations
 
@@ -81,6 +81,14 @@ def test_event_experts_and_eval_with_the_next_events_adapter(tmp_path):
     assert got["adapter"] == adapter[1] and "check" not in got["sparsity"]  # merged dense: no promise checked
     assert got["perplexity"]["health"]["perplexity"] == pytest.approx(
         want["perplexity"]["health"]["perplexity"], rel=1e-5
+    )
+    # 2 ranks, each merging the adapter into its own copy and scoring its share of the windows: the same perplexity
+    two = [*got_args[:-1], str(tmp_path / "two.json"), *flags]
+    deepspeed_cpu(["--module", "exert_ds", *two], ranks=2)
+    on_two = json.loads((tmp_path / "two.json").read_text())
+    assert on_two["world_size"] == 2
+    assert on_two["perplexity"]["health"]["perplexity"] == pytest.approx(
+        got["perplexity"]["health"]["perplexity"], rel=1e-6
     )
     plain = tmp_path / "plain.json"
     assert main(["eval", "--model", str(run / "event_experts" / "event-0"), "--out", str(plain), *flags]) == 0

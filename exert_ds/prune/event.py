@@ -80,6 +80,7 @@ class EventReport:
     roles: dict[str, RoleReport] = field(default_factory=lambda: {r: RoleReport() for r in ROLES})
     shadow: bool = False  # prune.ema_shadow was on: report shadow_differs
     allocation: list[float] | None = None  # prune.allocation owl: the block sparsities, when this event measured them
+    block_sparsity: list[float] | None = None  # prune.allocation owl: the sparsity each block was pruned at
 
     def scalars(self) -> dict[str, float]:
         """Flat name → value for TensorBoard and logs."""
@@ -159,6 +160,8 @@ class PruneEvent:
             self.state.allocation = owl_sparsities(ratios, cfg.prune.sparsity, cfg.prune.owl_lambda)
             report.allocation = self.state.allocation
         per_block = event_block_sparsities(self.state.allocation, cfg.prune.sparsity, sparsity, len(layers))
+        if self.state.allocation is not None:
+            report.block_sparsity = per_block
         inputs = capture_block_inputs(self.model, calibration_ids, cfg.calibration.micro_batch)
         bar = tqdm(range(len(layers)), desc=f"prune event {event}", disable=not progress or self.backend.rank != 0)
         for block in bar:

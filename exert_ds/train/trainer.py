@@ -33,7 +33,6 @@ from exert_ds.evaluation.sparsity import sparsity_report
 from exert_ds.model.architecture import geometry
 from exert_ds.model.loading import load_model, load_tokenizer
 from exert_ds.model.lora import attach_lora
-from exert_ds.prune.allocation import event_block_sparsities
 from exert_ds.prune.event import EventReport, PruneEvent, PruneState
 from exert_ds.prune.pattern import pattern_problem
 from exert_ds.prune.recovery import mask_adapters, merge_masked, unmask_adapters
@@ -275,7 +274,7 @@ def run_event(session: Session, planned: PlannedEvent, step: int) -> EventReport
             f"prune event {report.event}: OWL allocation measured, block sparsities at the target: {blocks}"
         )
     if session.cfg.train.save_event_experts:
-        save_event_expert(session, report.event, planned.sparsity)
+        save_event_expert(session, report, planned.sparsity)
     scalars = {**report.scalars(), "event/sparsity_target": planned.sparsity}
     session.logger.scalars(scalars, step)
     held = sum(r.held for r in report.roles.values())
@@ -301,14 +300,11 @@ def event_expert_dir(output_dir: str | Path, event: int) -> Path:
     return Path(output_dir) / EVENT_EXPERTS / f"event-{event}"
 
 
-def save_event_expert(session: Session, event: int, sparsity: float) -> Path:
-    """Collective. `train.save_event_experts`: the model right after event `event` (merged, masked, B = 0) as a sparse
-    expert in output_dir/event_experts/event-K, promising the event's sparsity `sparsity` (per block under an OWL
-    allocation); a re-run event (after a resume) replaces it."""
-    prune, allocation = session.cfg.prune, session.events.state.allocation
-    blocks = None
-    if allocation is not None:
-        blocks = event_block_sparsities(allocation, prune.sparsity, sparsity, len(allocation))
+def save_event_expert(session: Session, report: EventReport, sparsity: float) -> Path:
+    """Collective. `train.save_event_experts`: the model right after the event of `report` (merged, masked, B = 0) as a
+    sparse expert in output_dir/event_experts/event-K, promising the event's sparsity `sparsity` (under an OWL
+    allocation, each block's as the event pruned it); a re-run event (after a resume) replaces it."""
+    event, prune = report.event, session.cfg.prune
     out = write_expert(
         session.engine.module,
         session.tokenizer,
@@ -317,7 +313,7 @@ def save_event_expert(session: Session, event: int, sparsity: float) -> Path:
         prune.n,
         prune.m,
         base_model=base_model_fingerprint(session.cfg.model),
-        block_sparsity=blocks,
+        block_sparsity=report.block_sparsity,
     )
     session.logger.line(f"wrote {out} (the model after prune event {event})")
     return out
